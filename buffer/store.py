@@ -1,0 +1,806 @@
+"""The Redis replay buffer: anchor and fresh preference pairs, atomic cycle writes, seeded mixing.
+
+This is the only module in tether that imports `redis`; every Redis error leaves it as a
+`ReplayBufferError` (`BufferUnavailable` when Redis cannot be reached), so callers never need
+redis-py. Contract:
+
+- `add(records)` writes one cycle's fresh pairs in one Lua script: Redis runs it atomically and
+  logs its effects to the AOF as one MULTI/EXEC, which a crash truncates as a whole on reload
+  (`aof-load-truncated`), so a cycle's pairs are all there or none are. The same script evicts
+  the oldest cycles' fresh pairs beyond `fresh_capacity`. Pair id = content hash: re-adding is a
+  no-op, which also makes redis-py's retry-after-disconnect safe.
+- `seed_anchor(pairs, fingerprint)` is idempotent; another fingerprint is `AnchorMismatch`
+  unless `replace=True`. The anchor is never evicted.
+- `sample(n, anchor_fraction, seed)` draws the mix planned by `buffer.mixing.plan_sample` and
+  is reproducible for the same seed and contents.
+- Reference log-probs are cached per reference id; `get_reference_logps` returns only those
+  computed for the reference asked about.
+
+Key layout (`ns` = `BufferConfig.namespace`; `cat` = `c:<category>`, or `none` without one):
+
+    ns:pairs                 HASH   id -> pair JSON (BufferedPair minus reference_logps)
+    ns:idx:<pool>:<cat>      ZSET   ids of one pool and category, score = cycle (anchor 0):
+                                    rank order (cycle, id) is what mixing.Pick.rank indexes
+    ns:groups                HASH   "<pool>|<cycle>|<cat>" -> pair count (anchor: empty cycle)
+    ns:fresh:order           ZSET   fresh ids by cycle: ZPOPMIN evicts the oldest cycle first
+    ns:group_times           HASH   same fields -> "<min created_at> <max created_at>" (epoch s),
+                                    for stats' oldest/newest age (a partly evicted cycle keeps
+                                    its old minimum until it is gone)
+    ns:anchor                HASH   fingerprint, seeded_at, complete ("1" once a seed finished)
+    ns:ref:<reference_id>    HASH   id -> "[reference_chosen_logps, reference_rejected_logps]"
+    ns:refs                  SET    reference ids that have a ns:ref:* hash
+    ns:version               STRING random token replaced by every change of membership; a
+                                    sample planned on older contents is re-planned
+    ns:pointer:<name>        STRING JSON object (e.g. the current policy, for the promotion gate)
+    ns:lock:<name>           STRING lock token with a TTL (buffer/lock.py)
+
+Scripts derive key names from the namespace, so the buffer needs a standalone (or single-shard)
+Redis, not Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from functools import wraps
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+import redis
+from pydantic import TypeAdapter
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from buffer.config import BufferConfig, redact_url
+from buffer.lock import CycleLock, cycle_lock
+from buffer.mixing import POOLS, Group, NotEnoughPairs, Pool, plan_sample
+from buffer.records import (
+    AddResult,
+    Batch,
+    BufferedPair,
+    BufferStats,
+    InvalidRecord,
+    LogpPair,
+    SeedResult,
+    validate_records,
+)
+from buffer.server import LocalRedis
+from offline.pairs import PreferencePair
+
+log = logging.getLogger(__name__)
+
+START_HINT = (
+    "start one with `redis-server --port 6379 --appendonly yes`, leave buffer.url unset so "
+    "tether starts a local redis-server under its state dir, or run `docker-compose up redis`"
+)
+SEED_CHUNK = 5_000  # pairs per script call while seeding: bounds how long one call blocks Redis
+_PAIR_LIST = TypeAdapter(list[BufferedPair])
+
+
+class ReplayBufferError(RuntimeError):
+    """Any failure of the replay buffer's Redis side."""
+
+
+class BufferUnavailable(ReplayBufferError):
+    """Redis cannot be reached (or refused our credentials); the message says how to start one."""
+
+
+class AnchorMismatch(ReplayBufferError, ValueError):
+    """The buffer's anchor was seeded from another dataset (pass replace=True to swap it)."""
+
+
+class UnknownPairs(ReplayBufferError, ValueError):
+    """Reference log-probs were given for pairs the buffer does not hold."""
+
+
+# -- Lua: each script is one atomic step on the server ----------------------------------------
+
+_CATKEY_LUA = """
+local function catkey(rec)
+  local c = rec.pair.category
+  if c == nil or c == cjson.null then return 'none' end
+  return 'c:' .. c
+end
+"""
+
+# ARGV: ns, fresh_capacity, anchor fingerprint guard ('' = none), new version token, then per
+#       record: "<id>|<pool>|<cycle>|<created_at epoch>|<catkey>" (cycle '' for anchor), pair JSON.
+# Counts and times are aggregated per group and written once per group, not once per pair.
+_ADD_LUA = _CATKEY_LUA + """
+local ns, capacity, guard = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+if guard ~= '' then
+  local fp = redis.call('HGET', ns .. ':anchor', 'fingerprint')
+  if fp ~= guard then return redis.error_reply('TETHER_ANCHOR_CHANGED ' .. tostring(fp)) end
+end
+local P, G, T = ns .. ':pairs', ns .. ':groups', ns .. ':group_times'
+local added, dup, evicted = 0, 0, 0
+local counts, tmin, tmax = {}, {}, {}
+for i = 5, #ARGV, 2 do
+  local id, pool, cycle, created, cat = string.match(ARGV[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  if redis.call('HSETNX', P, id, ARGV[i + 1]) == 1 then
+    local score = 0
+    if cycle ~= '' then score = tonumber(cycle) end
+    redis.call('ZADD', ns .. ':idx:' .. pool .. ':' .. cat, score, id)
+    if pool == 'fresh' then redis.call('ZADD', ns .. ':fresh:order', score, id) end
+    local f = pool .. '|' .. cycle .. '|' .. cat
+    local t = tonumber(created)
+    counts[f] = (counts[f] or 0) + 1
+    if tmin[f] == nil or t < tmin[f] then tmin[f] = t end
+    if tmax[f] == nil or t > tmax[f] then tmax[f] = t end
+    added = added + 1
+  else
+    dup = dup + 1
+  end
+end
+for f, c in pairs(counts) do
+  redis.call('HINCRBY', G, f, c)
+  local lo, hi = tmin[f], tmax[f]
+  local old = redis.call('HGET', T, f)
+  if old then
+    local a, b = string.match(old, '^(%S+) (%S+)$')
+    lo, hi = math.min(lo, tonumber(a)), math.max(hi, tonumber(b))
+  end
+  redis.call('HSET', T, f, string.format('%.6f %.6f', lo, hi))
+end
+local over = redis.call('ZCARD', ns .. ':fresh:order') - capacity
+if over > 0 then
+  local refs = redis.call('SMEMBERS', ns .. ':refs')
+  local popped = redis.call('ZPOPMIN', ns .. ':fresh:order', over)
+  for j = 1, #popped, 2 do
+    local id = popped[j]
+    local rec = cjson.decode(redis.call('HGET', P, id))
+    local cat = catkey(rec)
+    local f = 'fresh|' .. string.format('%d', rec.cycle) .. '|' .. cat
+    redis.call('ZREM', ns .. ':idx:fresh:' .. cat, id)
+    redis.call('HDEL', P, id)
+    if redis.call('HINCRBY', G, f, -1) <= 0 then
+      redis.call('HDEL', G, f)
+      redis.call('HDEL', T, f)
+    end
+    for _, ref in ipairs(refs) do redis.call('HDEL', ns .. ':ref:' .. ref, id) end
+    evicted = evicted + 1
+  end
+end
+if added > 0 or evicted > 0 then redis.call('SET', ns .. ':version', ARGV[4]) end
+return {added, dup, evicted}
+"""
+
+# ARGV: ns, fingerprint, replace ('1'/'0'), seeded_at, new version token
+_SEED_BEGIN_LUA = """
+local ns, fp, replace = ARGV[1], ARGV[2], ARGV[3]
+local M, P, G = ns .. ':anchor', ns .. ':pairs', ns .. ':groups'
+local cur = redis.call('HGET', M, 'fingerprint')
+local anchor_fields = {}
+local anchor_count = 0
+local groups = redis.call('HGETALL', G)
+for i = 1, #groups, 2 do
+  if string.sub(groups[i], 1, 8) == 'anchor||' then
+    anchor_fields[#anchor_fields + 1] = groups[i]
+    anchor_count = anchor_count + tonumber(groups[i + 1])
+  end
+end
+local removed = 0
+if cur and cur ~= fp then
+  if replace ~= '1' then return {'mismatch', cur, anchor_count} end
+  local refs = redis.call('SMEMBERS', ns .. ':refs')
+  for _, f in ipairs(anchor_fields) do
+    local key = ns .. ':idx:anchor:' .. string.sub(f, 9)
+    for _, id in ipairs(redis.call('ZRANGE', key, 0, -1)) do
+      redis.call('HDEL', P, id)
+      for _, ref in ipairs(refs) do redis.call('HDEL', ns .. ':ref:' .. ref, id) end
+      removed = removed + 1
+    end
+    redis.call('DEL', key)
+    redis.call('HDEL', G, f)
+    redis.call('HDEL', ns .. ':group_times', f)
+  end
+  redis.call('DEL', M)
+  redis.call('SET', ns .. ':version', ARGV[5])
+end
+if cur ~= fp then
+  redis.call('HSET', M, 'fingerprint', fp, 'seeded_at', ARGV[4], 'complete', '0')
+end
+return {'ok', removed, redis.call('HGET', M, 'complete')}
+"""
+
+# ARGV: ns, fingerprint
+_SEED_DONE_LUA = """
+if redis.call('HGET', ARGV[1] .. ':anchor', 'fingerprint') == ARGV[2] then
+  redis.call('HSET', ARGV[1] .. ':anchor', 'complete', '1')
+end
+return 1
+"""
+
+# ARGV: ns, expected version, reference id ('' = none), picks "<k>,<rank>;<k>,<rank>;...", then
+#       the index suffixes '<pool>:<catkey>' that k (1-based) refers to (few, flat arguments:
+#       packing costs per argument). The JSON blobs come back as HMGET returns them: joining
+#       them in Lua would double the script's CPU, and Redis's one thread serves every trainer.
+# Returns {1, pair JSONs[, reference log-prob JSONs or nil]}; or {0, version, groups} when the
+# buffer changed since the caller's plan, so it can re-plan without another round trip.
+_FETCH_LUA = """
+local ns, ref = ARGV[1], ARGV[3]
+local version = redis.call('GET', ns .. ':version') or '0'
+if version ~= ARGV[2] then return {0, version, redis.call('HGETALL', ns .. ':groups')} end
+local keys = {}
+for i = 5, #ARGV do keys[i - 4] = ns .. ':idx:' .. ARGV[i] end
+local ids = {}
+for k, rank in string.gmatch(ARGV[4], '(%d+),(%d+)') do
+  local r = redis.call('ZRANGE', keys[tonumber(k)], rank, rank)
+  if #r == 0 then return {0, version, redis.call('HGETALL', ns .. ':groups')} end
+  ids[#ids + 1] = r[1]
+end
+local function hmget(key)
+  if #ids <= 1000 then return redis.call('HMGET', key, unpack(ids)) end
+  local out = {}  -- in slices: unpack() has a C-stack limit (~8k)
+  for s = 1, #ids, 1000 do
+    local part = redis.call('HMGET', key, unpack(ids, s, math.min(s + 999, #ids)))
+    for k = 1, #part do out[#out + 1] = part[k] end
+  end
+  return out
+end
+local result = {1, hmget(ns .. ':pairs')}
+if ref ~= '' then result[3] = hmget(ns .. ':ref:' .. ref) end
+return result
+"""
+
+# ARGV: ns, reference id, drop other references ('1'/'0'), ignore missing ('1'/'0'), then id, value
+_SET_REFS_LUA = """
+local ns, ref = ARGV[1], ARGV[2]
+local P, H = ns .. ':pairs', ns .. ':ref:' .. ARGV[2]
+local missing = {}
+for i = 5, #ARGV, 2 do
+  if redis.call('HEXISTS', P, ARGV[i]) == 0 then missing[#missing + 1] = ARGV[i] end
+end
+if #missing > 0 and ARGV[4] ~= '1' then return {0, missing} end
+if ARGV[3] == '1' then
+  for _, other in ipairs(redis.call('SMEMBERS', ns .. ':refs')) do
+    if other ~= ref then
+      redis.call('DEL', ns .. ':ref:' .. other)
+      redis.call('SREM', ns .. ':refs', other)
+    end
+  end
+end
+local written = 0
+for i = 5, #ARGV, 2 do
+  if redis.call('HEXISTS', P, ARGV[i]) == 1 then
+    redis.call('HSET', H, ARGV[i], ARGV[i + 1])
+    written = written + 1
+  end
+end
+if written > 0 then redis.call('SADD', ns .. ':refs', ref) end
+return {written, missing}
+"""
+
+
+def catkey(category: str | None) -> str:
+    """How a category appears in key names and group fields ('none' cannot collide with 'c:none')."""
+    return "none" if category is None else f"c:{category}"
+
+
+def _category(key: str) -> str | None:
+    return None if key == "none" else key[2:]
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _translating_errors(method: F) -> F:
+    """Turn redis-py exceptions into ReplayBufferError subclasses at the public boundary."""
+
+    @wraps(method)
+    def wrapper(self: ReplayBuffer, *args: Any, **kwargs: Any) -> Any:
+        with self._redis_errors():
+            return method(self, *args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+class ReplayBuffer:
+    """Anchor and fresh preference pairs in Redis; build with `connect()` or `open_buffer()`."""
+
+    def __init__(self, client: redis.Redis, cfg: BufferConfig, *, url: str, password: str | None = None) -> None:
+        self._client = client
+        self.cfg = cfg
+        self.url = redact_url(url)
+        self._password = password  # only to scrub it from error text, never shown
+        self._ns = cfg.namespace
+        self._groups_cache: tuple[list[Group], str] | None = None  # last (groups, version) seen
+        self._add = client.register_script(_ADD_LUA)
+        self._seed_begin = client.register_script(_SEED_BEGIN_LUA)
+        self._seed_done = client.register_script(_SEED_DONE_LUA)
+        self._fetch = client.register_script(_FETCH_LUA)
+        self._set_refs = client.register_script(_SET_REFS_LUA)
+
+    @classmethod
+    def connect(cls, cfg: BufferConfig, *, url: str | None = None) -> ReplayBuffer:
+        """Connect to `cfg.url` (password from `$<cfg.password_env>`), or to `url` without one.
+
+        The explicit `url` is for a server tether started itself (`LocalRedis`). Raises
+        `BufferUnavailable` (saying how to start a Redis) when nothing answers PING.
+        """
+        target = url if url is not None else cfg.url
+        if target is None:
+            raise ValueError("no Redis URL: set buffer.url or use open_buffer() to start a local redis-server")
+        password = (os.environ.get(cfg.password_env) or None) if url is None else None
+        client = redis.Redis.from_url(
+            target,
+            password=password,
+            decode_responses=True,
+            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), cfg.connect_retries),
+            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+            socket_connect_timeout=5.0,
+            socket_timeout=60.0,  # replacing a large anchor is one long script
+            health_check_interval=30,
+        )
+        buf = cls(client, cfg, url=target, password=password)
+        try:
+            with buf._redis_errors():
+                client.ping()
+        except BufferUnavailable:
+            client.close()
+            raise
+        buf._warn_if_not_durable()
+        log.info("replay buffer %s at %s", cfg.namespace, buf.url)
+        return buf
+
+    def __repr__(self) -> str:
+        return f"ReplayBuffer(url={self.url!r}, namespace={self._ns!r})"
+
+    @property
+    def client(self) -> redis.Redis:
+        """The redis-py client (for buffer/lock.py and tests; other code goes through this class)."""
+        return self._client
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> ReplayBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writes ----------------------------------------------------------------------------------
+
+    @_translating_errors
+    def add(self, records: Iterable[BufferedPair | Mapping[str, Any]]) -> AddResult:
+        """Atomically add fresh pairs (one cycle's worth): all are written or none; then evict.
+
+        Every record is validated first (`InvalidRecord`, nothing written). Pairs already in the
+        buffer count as duplicates. Cached reference log-probs on the records are stored after.
+        """
+        recs = validate_records(records)
+        anchors = [i for i, r in enumerate(recs) if r.pool == "anchor"]
+        if anchors:
+            raise InvalidRecord(f"record {anchors[0]}: anchor pairs enter through seed_anchor(), not add()")
+        result = self._write(recs, guard="")
+        self._store_record_logps(recs)
+        return result
+
+    @_translating_errors
+    def seed_anchor(
+        self, pairs: Iterable[PreferencePair], fingerprint: str, *, replace: bool = False
+    ) -> SeedResult:
+        """Load the offline dataset's pairs as the anchor; idempotent for the same fingerprint.
+
+        A buffer seeded from another dataset raises `AnchorMismatch` unless `replace=True`, which
+        drops the old anchor (fresh pairs stay). Seeding goes in chunks, each atomic; an
+        interrupted seed is completed by seeding again.
+        """
+        if not fingerprint:
+            raise ValueError("the anchor needs the dataset's fingerprint (non-empty)")
+        now = datetime.now(timezone.utc)
+        records = []
+        for i, p in enumerate(pairs):
+            if not isinstance(p, PreferencePair):
+                raise InvalidRecord(f"pair {i}: expected a PreferencePair, got {type(p).__name__}")
+            # (Validating is cheap here: the pair instance is not re-validated, and pydantic's
+            # model_construct is slower than its Rust validator.)
+            records.append(BufferedPair.anchor(p, fingerprint, created_at=now))
+        return self._seed(records, fingerprint, replace=replace)
+
+    @_translating_errors
+    def restore(self, records: Iterable[BufferedPair | Mapping[str, Any]]) -> tuple[SeedResult | None, AddResult]:
+        """Write records exported by `buffer.export`, provenance intact; idempotent.
+
+        The anchor records must come from one dataset (and match the buffer's, if seeded).
+        """
+        recs = validate_records(records)
+        anchor = [r for r in recs if r.pool == "anchor"]
+        fresh = [r for r in recs if r.pool == "fresh"]
+        seeded = None
+        if anchor:
+            fingerprints = sorted({r.source for r in anchor})
+            if len(fingerprints) > 1:
+                raise InvalidRecord(f"anchor records come from {len(fingerprints)} datasets: {fingerprints[:3]}")
+            seeded = self._seed(anchor, fingerprints[0], replace=False)
+        # Oldest cycles first, so capacity eviction keeps the newest as live writes would.
+        fresh.sort(key=lambda r: (cast(int, r.cycle), r.created_at))
+        added = self._write_chunked(fresh, guard="")
+        self._store_record_logps(recs)
+        return seeded, added
+
+    def _seed(self, records: list[BufferedPair], fingerprint: str, *, replace: bool) -> SeedResult:
+        status, removed, complete = self._seed_begin(
+            args=[self._ns, fingerprint, "1" if replace else "0", datetime.now(timezone.utc).isoformat(), _token()]
+        )
+        if status == "mismatch":
+            raise AnchorMismatch(
+                f"the buffer's anchor holds dataset {removed!r} ({complete} pairs), not {fingerprint!r}; "
+                f"pass replace=True (tether buffer seed --replace) to drop it and seed the new one"
+            )
+        if complete == "1":  # this exact dataset was fully seeded before: nothing to send
+            return SeedResult(fingerprint=fingerprint, added=0, existing=len(records), removed=int(removed))
+        try:
+            result = self._write_chunked(records, guard=fingerprint)
+        except redis.ResponseError as e:
+            if "TETHER_ANCHOR_CHANGED" in str(e):
+                raise AnchorMismatch(f"the anchor was re-seeded by someone else while seeding {fingerprint!r}") from e
+            raise
+        self._seed_done(args=[self._ns, fingerprint])
+        self._store_record_logps(records)
+        return SeedResult(fingerprint=fingerprint, added=result.added, existing=result.duplicates, removed=int(removed))
+
+    def _write_chunked(self, records: Sequence[BufferedPair], *, guard: str) -> AddResult:
+        """Write in chunks of SEED_CHUNK, each atomic; serialise chunk k+1 while Redis runs chunk k."""
+        added = duplicates = evicted = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-writer") as writer:
+            pending = None
+            for start in range(0, len(records), SEED_CHUNK):
+                args = self._args(records[start : start + SEED_CHUNK], guard)
+                if pending is not None:
+                    a, d, e = pending.result()
+                    added, duplicates, evicted = added + a, duplicates + d, evicted + e
+                pending = writer.submit(self._add, args=args)
+            if pending is not None:
+                a, d, e = pending.result()
+                added, duplicates, evicted = added + a, duplicates + d, evicted + e
+        return AddResult(added=added, duplicates=duplicates, evicted=evicted)
+
+    def _write(self, records: Sequence[BufferedPair], *, guard: str) -> AddResult:
+        if not records:
+            return AddResult(added=0, duplicates=0, evicted=0)
+        added, duplicates, evicted = self._add(args=self._args(records, guard))
+        return AddResult(added=added, duplicates=duplicates, evicted=evicted)
+
+    def _args(self, records: Sequence[BufferedPair], guard: str) -> list[str | int]:
+        """ADD script arguments: two per record (see _ADD_LUA), few and flat because packing is per arg."""
+        args: list[str | int] = [self._ns, self.cfg.fresh_capacity, guard, _token()]
+        for r in records:
+            cycle = "" if r.cycle is None else str(r.cycle)
+            args.append(f"{r.id}|{r.pool}|{cycle}|{r.created_at.timestamp():.6f}|{catkey(r.category)}")
+            args.append(r.model_dump_json(exclude={"reference_logps"}))
+        return args
+
+    def _store_record_logps(self, records: Sequence[BufferedPair]) -> None:
+        by_ref: dict[str, dict[str, LogpPair]] = {}
+        for r in records:
+            for ref, pair_logps in r.reference_logps.items():
+                by_ref.setdefault(ref, {})[r.id] = pair_logps
+        for ref, logps in by_ref.items():
+            self.set_reference_logps(ref, logps, drop_other_references=False, ignore_missing=True)
+
+    # -- reference log-probs ---------------------------------------------------------------------
+
+    @_translating_errors
+    def set_reference_logps(
+        self,
+        reference_id: str,
+        logps: Mapping[str, LogpPair],
+        *,
+        drop_other_references: bool = True,
+        ignore_missing: bool = False,
+    ) -> int:
+        """Cache (chosen, rejected) reference log-probs computed with `reference_id`; returns how many.
+
+        By default a new reference id drops every other reference's cache (the reference
+        changed: old numbers are stale). Ids not in the buffer raise `UnknownPairs` and nothing
+        is written, unless `ignore_missing`.
+        """
+        if not reference_id:
+            raise ValueError("reference_id must be a non-empty checkpoint id")
+        flags = ["1" if drop_other_references else "0", "1" if ignore_missing else "0"]
+        args: list[str] = [self._ns, reference_id, *flags]
+        for pair_id, (c, r) in logps.items():
+            c, r = float(c), float(r)
+            if not (math.isfinite(c) and math.isfinite(r)):
+                raise ValueError(f"reference log-probs of {pair_id} are not finite: ({c}, {r})")
+            args += [pair_id, json.dumps([c, r])]
+        written, missing = self._set_refs(args=args)
+        if missing and not ignore_missing:
+            raise UnknownPairs(f"{len(missing)} pair ids are not in the buffer (e.g. {missing[:3]}); nothing written")
+        return int(written)
+
+    @_translating_errors
+    def get_reference_logps(self, pair_ids: Sequence[str], reference_id: str) -> dict[str, LogpPair]:
+        """Cached log-probs computed with exactly `reference_id`; pairs without them are absent."""
+        if not pair_ids:
+            return {}
+        values = cast("list[str | None]", self._client.hmget(f"{self._ns}:ref:{reference_id}", list(pair_ids)))
+        return {pid: _logps(v) for pid, v in zip(pair_ids, values, strict=True) if v is not None}
+
+    # -- reads -----------------------------------------------------------------------------------
+
+    @_translating_errors
+    def groups(self) -> tuple[list[Group], str]:
+        """The buffer's contents as mixing groups, and the version they were read at."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hgetall(f"{self._ns}:groups")
+        pipe.get(f"{self._ns}:version")
+        raw, version = pipe.execute()
+        self._groups_cache = (_parse_groups(raw), version or "0")
+        return self._groups_cache
+
+    @_translating_errors
+    def sample(
+        self,
+        n: int,
+        anchor_fraction: float,
+        seed: int,
+        *,
+        reference_id: str | None = None,
+        half_life_cycles: float | None | Literal["config"] = "config",
+        stratify_by_category: bool | None = None,
+    ) -> Batch:
+        """A batch of `n` pairs, `round(n * anchor_fraction)` from the anchor, the rest fresh.
+
+        Reproducible for the same seed and contents. Recency weighting and stratification
+        default to the config. With `reference_id`, each pair carries that reference's cached
+        log-probs when there are any. One round trip while the buffer is unchanged: the plan
+        uses the last groups seen, and the fetch script refuses (returning the new groups) if
+        a write landed since.
+        """
+        half_life: float | None = (
+            self.cfg.recency_half_life_cycles if half_life_cycles == "config" else half_life_cycles
+        )
+        stratify = self.cfg.stratify_by_category if stratify_by_category is None else stratify_by_category
+        groups, version = self._groups_cache or self.groups()
+        for _ in range(8):
+            try:
+                picks, stats = plan_sample(
+                    n, anchor_fraction, groups, seed,
+                    half_life_cycles=half_life, stratify_by_category=stratify,
+                )  # fmt: skip
+            except NotEnoughPairs:  # maybe only the cached groups are stale: re-read once
+                seen = version
+                groups, version = self.groups()
+                if version == seen:
+                    raise
+                continue
+            if not picks:
+                return Batch(pairs=[], stats=stats)
+            suffixes: dict[str, int] = {}
+            spec = ";".join(
+                f"{suffixes.setdefault(f'{p.pool}:{catkey(p.category)}', len(suffixes) + 1)},{p.rank}" for p in picks
+            )
+            fetched = self._fetch(args=[self._ns, version, reference_id or "", spec, *suffixes])
+            if fetched[0] == 0:  # a write landed since the plan: re-plan on the groups returned
+                groups, version = _parse_groups(dict(zip(fetched[2][::2], fetched[2][1::2], strict=True))), fetched[1]
+                self._groups_cache = (groups, version)
+                continue
+            pairs = _PAIR_LIST.validate_json("[" + ",".join(fetched[1]) + "]")  # one parse, not n
+            if reference_id:
+                pairs = [
+                    p.model_copy(update={"reference_logps": {reference_id: _logps(v)}}) if v is not None else p
+                    for p, v in zip(pairs, fetched[2], strict=True)
+                ]
+            return Batch(pairs=pairs, stats=stats)
+        raise ReplayBufferError("the buffer changed during every one of 8 sampling attempts; retry later")
+
+    @_translating_errors
+    def get(self, pair_ids: Sequence[str], reference_id: str | None = None) -> list[BufferedPair | None]:
+        """The records with these ids (None where absent), optionally with one reference's log-probs."""
+        if not pair_ids:
+            return []
+        blobs = self._client.hmget(f"{self._ns}:pairs", list(pair_ids))
+        out: list[BufferedPair | None] = [None if b is None else BufferedPair.model_validate_json(b) for b in blobs]
+        if reference_id:
+            logps = self.get_reference_logps(pair_ids, reference_id)
+            out = [
+                r.model_copy(update={"reference_logps": {reference_id: logps[r.id]}}) if r and r.id in logps else r
+                for r in out
+            ]
+        return out
+
+    @_translating_errors
+    def count(self, pool: Pool | None = None) -> int:
+        """Pairs in `pool` (both pools when None)."""
+        groups, _ = self.groups()
+        return sum(g.size for g in groups if pool is None or g.pool == pool)
+
+    def iter_records(self, batch_size: int = 1_000) -> Iterator[BufferedPair]:
+        """Every record with all its cached reference log-probs (for export); not a snapshot."""
+        with self._redis_errors():
+            refs = sorted(cast("set[str]", self._client.smembers(f"{self._ns}:refs")))
+            batch: list[tuple[str, str]] = []
+            for item in self._client.hscan_iter(f"{self._ns}:pairs", count=batch_size):
+                batch.append(item)
+                if len(batch) >= batch_size:
+                    yield from self._with_all_logps(batch, refs)
+                    batch = []
+            yield from self._with_all_logps(batch, refs)
+
+    def _with_all_logps(self, batch: list[tuple[str, str]], refs: list[str]) -> list[BufferedPair]:
+        if not batch:
+            return []
+        ids = [pid for pid, _ in batch]
+        pipe = self._client.pipeline(transaction=False)
+        for ref in refs:
+            pipe.hmget(f"{self._ns}:ref:{ref}", ids)
+        per_ref = dict(zip(refs, pipe.execute(), strict=True)) if refs else {}
+        out = []
+        for i, (_, blob) in enumerate(batch):
+            rec = BufferedPair.model_validate_json(blob)
+            logps = {ref: _logps(vals[i]) for ref, vals in per_ref.items() if vals[i] is not None}
+            out.append(rec.model_copy(update={"reference_logps": logps}) if logps else rec)
+        return out
+
+    @_translating_errors
+    def stats(self) -> BufferStats:
+        """Counts per pool, cycle and category, ages, cached references and Redis memory."""
+        ns = self._ns
+        groups, _ = self.groups()
+        pipe = self._client.pipeline(transaction=False)
+        pipe.hget(f"{ns}:anchor", "fingerprint")
+        pipe.hvals(f"{ns}:group_times")
+        pipe.smembers(f"{ns}:refs")
+        fingerprint, spans, refs = pipe.execute()
+        pipe = self._client.pipeline(transaction=False)
+        for ref in sorted(refs):
+            pipe.hlen(f"{ns}:ref:{ref}")
+        ref_counts = dict(zip(sorted(refs), pipe.execute(), strict=True)) if refs else {}
+        memory = int(self._client.info("memory").get("used_memory", 0))
+        times = [float(t) for span in spans for t in span.split()]
+        now = time.time()
+        per_cycle: dict[int, int] = {}
+        per_category: dict[str, dict[str, int]] = {pool: {} for pool in POOLS}
+        for g in groups:
+            if g.cycle is not None:
+                per_cycle[g.cycle] = per_cycle.get(g.cycle, 0) + g.size
+            cat = g.category if g.category is not None else "(none)"
+            per_category[g.pool][cat] = per_category[g.pool].get(cat, 0) + g.size
+        return BufferStats(
+            url=self.url,
+            namespace=ns,
+            anchor_fingerprint=fingerprint,
+            anchor=sum(g.size for g in groups if g.pool == "anchor"),
+            fresh=sum(g.size for g in groups if g.pool == "fresh"),
+            fresh_capacity=self.cfg.fresh_capacity,
+            per_cycle=per_cycle,
+            per_category=per_category,
+            oldest_age_s=now - min(times) if times else None,
+            newest_age_s=now - max(times) if times else None,
+            references=ref_counts,
+            memory_bytes=memory,
+        )
+
+    # -- small helpers for the rest of the pipeline ----------------------------------------------
+
+    @_translating_errors
+    def set_pointer(self, name: str, value: dict[str, Any]) -> None:
+        """Atomically replace the JSON object stored under `name` (e.g. the current policy)."""
+        if not isinstance(value, dict):
+            raise TypeError(f"a pointer holds a JSON object (dict), got {type(value).__name__}")
+        self._client.set(f"{self._ns}:pointer:{name}", json.dumps(value, allow_nan=False, sort_keys=True))
+
+    @_translating_errors
+    def get_pointer(self, name: str) -> dict[str, Any] | None:
+        """The JSON object stored under `name`, or None if never set."""
+        raw = self._client.get(f"{self._ns}:pointer:{name}")
+        return None if raw is None else cast("dict[str, Any]", json.loads(raw))
+
+    @contextmanager
+    def lock(
+        self,
+        name: str = "cycle",
+        *,
+        ttl_s: float | None = None,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        heartbeat_s: float | None = None,
+    ) -> Iterator[CycleLock]:
+        """`cycle_lock` on `<ns>:lock:<name>` with the configured TTL (see buffer/lock.py)."""
+        with self._redis_errors():
+            with cycle_lock(
+                self._client, f"{self._ns}:lock:{name}", ttl_s or self.cfg.lock_ttl_s,
+                blocking=blocking, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
+            ) as held:  # fmt: skip
+                yield held
+
+    @_translating_errors
+    def clear(self) -> int:
+        """Delete every key of this namespace (pairs, caches, pointers, locks); returns how many."""
+        self._groups_cache = None
+        deleted = 0
+        keys: list[str] = []
+        for key in self._client.scan_iter(match=f"{self._ns}:*", count=1_000):
+            keys.append(key)
+            if len(keys) >= 1_000:
+                deleted += self._client.unlink(*keys)
+                keys = []
+        if keys:
+            deleted += self._client.unlink(*keys)
+        return deleted
+
+    # -- internals -------------------------------------------------------------------------------
+
+    @contextmanager
+    def _redis_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except redis.AuthenticationError as e:
+            raise BufferUnavailable(
+                f"Redis at {self.url} refused the credentials ({self._scrub(e)}); set "
+                f"${self.cfg.password_env} to its password, or unset it if the server has none"
+            ) from None
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            raise BufferUnavailable(
+                f"Redis for the replay buffer at {self.url} is unreachable "
+                f"({type(e).__name__}: {self._scrub(e)}); {START_HINT}"
+            ) from None
+        except redis.ResponseError as e:
+            raise ReplayBufferError(f"Redis at {self.url} answered an error: {self._scrub(e)}") from e
+
+    def _scrub(self, e: BaseException) -> str:
+        text = str(e)
+        return text.replace(self._password, "***") if self._password else text
+
+    def _warn_if_not_durable(self) -> None:
+        try:
+            mode = self._client.config_get("appendonly").get("appendonly")
+        except redis.RedisError:  # CONFIG is often disabled on managed Redis: nothing to check
+            return
+        if mode == "no":
+            log.warning(
+                "Redis at %s has appendonly off: a crash loses buffered pairs; "
+                "run it with --appendonly yes", self.url
+            )
+
+
+def _token() -> str:
+    """A new version token: random, so versions never repeat, even across a FLUSHALL."""
+    return uuid.uuid4().hex
+
+
+def _parse_groups(raw: Mapping[str, str]) -> list[Group]:
+    out = []
+    for field, count in raw.items():
+        pool, cycle, key = field.split("|", 2)
+        out.append(Group(cast(Pool, pool), _category(key), int(cycle) if cycle else None, int(count)))
+    return out
+
+
+def _logps(raw: str) -> LogpPair:
+    c, r = json.loads(raw)
+    return (float(c), float(r))
+
+
+@contextmanager
+def open_buffer(cfg: BufferConfig, state_dir: Path) -> Iterator[ReplayBuffer]:
+    """The replay buffer: at `cfg.url` if set, else in a local redis-server under `<state_dir>/redis/`.
+
+    The local server (127.0.0.1, free port, AOF with `cfg.appendfsync`) is stopped on exit; its
+    data stays, so the next run finds the same buffer.
+    """
+    if cfg.url is not None:
+        buf = ReplayBuffer.connect(cfg)
+        try:
+            yield buf
+        finally:
+            buf.close()
+        return
+    with LocalRedis(Path(state_dir) / "redis", appendfsync=cfg.appendfsync) as local:
+        buf = ReplayBuffer.connect(cfg, url=local.url)
+        try:
+            yield buf
+        finally:
+            buf.close()
+

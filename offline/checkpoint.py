@@ -1,0 +1,309 @@
+"""Checkpoints: an atomic Hugging Face model directory plus the lineage that explains it.
+
+Contract:
+- A checkpoint is a plain HF directory (safetensors weights, config.json, generation config,
+  tokenizer files) that `AutoModelForCausalLM.from_pretrained` and vLLM load as-is. A peft model
+  is merged into a copy first, so no adapter files are ever written and the live model is
+  untouched.
+- Beside the weights, `lineage.json` records where the weights came from (dataset fingerprint,
+  resolved config, parent checkpoint, code version, seed, pair ids per step, final metrics,
+  created_at, kind), and `tether-complete.json` is written last: a directory is a checkpoint
+  iff that marker exists (`is_complete`). The marker carries the content id, so reading a
+  `CheckpointRef` back never re-hashes the weights.
+- Everything is written into a temp dir in the same parent and renamed into place: a crash leaves
+  no directory under the final name, and an overwrite swaps old and new in one atomic
+  `renameat2(RENAME_EXCHANGE)` on Linux (two renames elsewhere).
+- Secrets are never written: the config arrives already redacted, and `save_checkpoint` refuses
+  a lineage in which a secret-looking key still holds a value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import ctypes
+import ctypes.util
+import datetime as dt
+import functools
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+LINEAGE_FILE = "lineage.json"
+COMPLETE_MARKER = "tether-complete.json"
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class CheckpointRef(BaseModel):
+    """Where a checkpoint lives and what it is: the type that flows from trainer to generator."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    """Absolute path of the checkpoint directory."""
+    id: str
+    """Short content hash of the weight files: equal ids mean equal weights."""
+    name: str
+    """The directory name given at save time (e.g. `offline`, `cycle-0003`)."""
+
+
+class Lineage(BaseModel):
+    """What `lineage.json` holds. Extra keys (e.g. `cycle`, `kl`) are kept as given."""
+
+    model_config = ConfigDict(extra="allow")
+
+    kind: Literal["offline", "cycle"]
+    """Which job wrote the checkpoint."""
+    dataset_fingerprint: str | None = None
+    """Fingerprint of the preference data trained on (`offline.data.dataset_fingerprint`)."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The resolved config, already redacted (secrets replaced by the caller)."""
+    parent: CheckpointRef | dict[str, Any] | None = None
+    """The checkpoint this one was trained from (a `CheckpointRef` or a dict with at least
+    'id' and 'path'); None when training started from a base model."""
+    seed: int | None = None
+    """Seed of the run."""
+    pair_ids_per_step: list[list[str]] = Field(default_factory=list)
+    """For each optimizer step, the ids of the pairs it consumed."""
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    """Final metrics, namespaced (`rewards/margins`, `kl/policy_ref`, ...)."""
+    code_version: str = Field(default_factory=lambda: code_version())
+    """Git sha of the code (`+dirty` when uncommitted changes), else the package version."""
+    created_at: str = Field(
+        default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    )
+    """UTC ISO-8601 time of the save."""
+
+
+# Keys whose values must never reach disk; matched on the last path component, case-insensitive.
+# Deliberately narrow: `pad_token`/`max_tokens` are config, not secrets.
+_SECRET_KEY = re.compile(
+    r"(api[_-]?key|apikey|secret|password|passwd|auth[_-]?token|access[_-]?token|hf[_-]?token|bearer)$",
+    re.IGNORECASE,
+)
+# Values that look like credentials whatever their key is called.
+_SECRET_VALUE = re.compile(r"^(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,})$")
+
+
+def _redacted(value: Any) -> bool:
+    """None, '' and masks like '**********' (pydantic's SecretStr dump) or '<redacted>' are safe."""
+    if value is None:
+        return True
+    if not isinstance(value, str):
+        return False
+    v = value.strip()
+    return v == "" or set(v) <= {"*"} or v.lower() in {"<redacted>", "redacted", "[redacted]"}
+
+
+def find_secrets(obj: Any, path: str = "") -> list[str]:
+    """Dotted paths of values that look like unredacted secrets (the values themselves are not returned)."""
+    found: list[str] = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            sub = f"{path}.{k}" if path else str(k)
+            if _SECRET_KEY.search(str(k)) and not isinstance(v, (dict, list)) and not _redacted(v):
+                found.append(sub)
+            else:
+                found.extend(find_secrets(v, sub))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            found.extend(find_secrets(v, f"{path}[{i}]"))
+    elif isinstance(obj, str) and _SECRET_VALUE.match(obj.strip()):
+        found.append(path or "<root>")
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Git sha of the tether checkout (with `+dirty` if it has uncommitted changes), else the
+    package version (installed, else from pyproject.toml), else 'unknown'."""
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(_REPO_ROOT), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(_REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass  # not a git checkout, no commits yet, or no git binary
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"tether-{version('tether')}"
+    except PackageNotFoundError:
+        pass  # a source tree that was never pip-installed: read its pyproject instead
+    try:
+        import tomllib  # Python >= 3.11
+
+        project = tomllib.loads((_REPO_ROOT / "pyproject.toml").read_text())["project"]
+        return f"tether-{project['version']}"
+    except (ImportError, OSError, KeyError, ValueError):
+        return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic directories (shared with offline.models and offline.demo_task)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False if unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def _clear_stale(final: Path) -> None:
+    """Remove temp dirs a crashed writer of `final` left behind (same parent, same name)."""
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield an empty temp dir beside `final`; on clean exit it becomes `final` in one rename.
+
+    On an exception the temp dir is removed and `final` is left as it was. With `overwrite`, an
+    existing `final` is swapped out atomically and then deleted; without it, an existing `final`
+    is a FileExistsError (raised after the body ran, in case another writer won the race).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _clear_stale(final)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if not final.exists():
+            os.rename(tmp, final)  # atomic on POSIX within one filesystem
+        elif not overwrite:
+            raise FileExistsError(f"{final} already exists (pass overwrite=True to replace it)")
+        elif _exchange(tmp, final):
+            pass  # tmp now holds the old directory; removed below
+        else:
+            old = final.parent / f".{final.name}.tmp-old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            tmp = old
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _weights_id(directory: Path) -> str:
+    """16-hex sha256 over the weight files' names and bytes, in name order."""
+    h = hashlib.sha256()
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in {directory}")
+    for f in files:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _plain_model(model):
+    """The model to serialise: a peft model is merged into a deep copy, never in place."""
+    from peft import PeftModel  # lazy: peft's import is slow and only needed for adapters
+
+    if isinstance(model, PeftModel):
+        return copy.deepcopy(model).merge_and_unload()
+    return model
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    root: Path,
+    name: str,
+    lineage: Lineage | dict[str, Any],
+    overwrite: bool = False,
+) -> CheckpointRef:
+    """Write `root/name` atomically as a plain HF model dir with lineage; return its reference.
+
+    Raises FileExistsError if a complete checkpoint `name` exists and `overwrite` is False, and
+    ValueError if the lineage still contains a secret.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"checkpoint name must be a plain, non-hidden directory name, got {name!r}")
+    record = lineage if isinstance(lineage, Lineage) else Lineage.model_validate(lineage)
+    payload = record.model_dump(mode="json")
+    leaks = find_secrets(payload)
+    if leaks:
+        raise ValueError(
+            f"refusing to write secrets into {LINEAGE_FILE}: redact {', '.join(leaks)} first"
+        )
+    final = Path(root) / name
+    if is_complete(final) and not overwrite:
+        raise FileExistsError(f"checkpoint {final} exists (pass overwrite=True to replace it)")
+    # An incomplete dir under the final name cannot come from us (we rename only complete dirs);
+    # treat it as garbage to replace rather than as a checkpoint to protect.
+    with atomic_dir(final, overwrite=True) as tmp:
+        _plain_model(model).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / LINEAGE_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        ref = CheckpointRef(path=str(final.resolve()), id=_weights_id(tmp), name=name)
+        # The marker goes last: its presence means every file above is fully written.
+        (tmp / COMPLETE_MARKER).write_text(ref.model_dump_json(exclude={"path"}) + "\n")
+        _fsync_dir(tmp)
+    return ref
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Flush file contents before the rename publishes them (a power cut must not publish holes)."""
+    for f in directory.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def model_id(path: Path | str) -> str:
+    """Identity of the weights in a model dir: its checkpoint id when it is a tether checkpoint
+    (read from the marker, no hashing), else the hash of its safetensors files (a converted or
+    built base model). Reference log-probs are cached under this id."""
+    path = Path(path)
+    return checkpoint_ref(path).id if is_complete(path) else _weights_id(path)
+
+
+def is_complete(path: Path | str) -> bool:
+    """True iff `path` is a checkpoint whose writer finished (the marker is written last)."""
+    return (Path(path) / COMPLETE_MARKER).is_file()
+
+
+def checkpoint_ref(path: Path | str) -> CheckpointRef:
+    """The `CheckpointRef` of a complete checkpoint directory (read from its marker)."""
+    path = Path(path)
+    if not is_complete(path):
+        raise FileNotFoundError(f"{path} is not a complete tether checkpoint (no {COMPLETE_MARKER})")
+    marker = json.loads((path / COMPLETE_MARKER).read_text())
+    return CheckpointRef(path=str(path.resolve()), id=marker["id"], name=marker["name"])
+
+
+def read_lineage(path: Path | str) -> dict[str, Any]:
+    """The lineage dict of a checkpoint directory."""
+    file = Path(path) / LINEAGE_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} missing: {path} is not a tether checkpoint")
+    return json.loads(file.read_text())

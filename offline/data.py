@@ -1,0 +1,601 @@
+"""Static preference data: a local file or hub id -> validated `PreferencePair`s -> train/held-out.
+
+Contract:
+- Sources: `.jsonl`, `.jsonl.gz`, `.parquet` (relative paths resolve against the current
+  directory; errors show the path as given), or `hf:<hub id>` read with
+  `datasets.load_dataset(id, split=hub_split)`, refused with a clear error when offline.
+- Three record shapes, one pair type. `explicit`: `prompt`/`chosen`/`rejected` strings.
+  `chat`: `prompt` is a list of `{role, content}` messages and each response is an assistant
+  message, a list of messages or a string; texts are rendered with the tokenizer's chat
+  template so that prompt + response == the render of the whole conversation. `hh`
+  (Anthropic HH-RLHF): `chosen`/`rejected` are whole dialogues; the prompt is their common
+  prefix up to and including the last `"\\n\\nAssistant:"`, and the responses are the
+  remainders with their leading space KEPT, so prompt + chosen == the original `chosen`
+  exactly (the convention of the DPO reference implementation). Optional `category` and `id`
+  (-> `source_id`) are kept; other keys are ignored. `format: auto` picks the shape per file
+  from the first JSON object.
+- Bad records raise `DataError` naming file, line (JSONL, 1-based) or row (Parquet/hub,
+  0-based) and field: `data/x.jsonl:17: field 'chosen': expected a non-empty string, got int`.
+  With `on_bad_record: skip` they are counted per reason (`BAD_RECORD_REASONS`) instead.
+  A file-level problem (missing/unreadable/empty file, unknown layout, chat data without a
+  chat template, every record skipped) is always an error. Blank lines are ignored.
+- Duplicates (same `content_id`) are dropped at load, first one kept, and counted.
+- The split is a pure function of (content_id, seed): independent of record order and stable
+  as a dataset grows. The fingerprint hashes the resolved format and every pair's content id
+  with its split, in load order (the order the trainer sees).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import tempfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
+
+from pydantic import Field, model_validator
+
+from offline.pairs import PreferencePair
+from offline.section import Section
+
+HH_ASSISTANT_TAG = "\n\nAssistant:"
+"""Where an HH-RLHF prompt ends: the last one the two dialogues share."""
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+HUB_PREFIX = "hf:"
+
+BAD_RECORD_REASONS = (
+    "malformed_json",  # the line is not valid JSON
+    "invalid_utf8",  # the line is not valid UTF-8
+    "not_an_object",  # valid JSON but not an object
+    "missing_field",  # a required field is absent or null
+    "empty_field",  # a required string / message list is empty
+    "wrong_type",  # a field has the wrong type
+    "wrong_role",  # a chat response does not start with an assistant message
+    "identical_responses",  # chosen == rejected: no preference to learn
+    "no_common_prefix",  # hh: the dialogues share no prefix ending in "\n\nAssistant:"
+    "template_error",  # chat: the tokenizer's chat template raised on this record
+    "template_mismatch",  # chat: the prompt render is not a prefix of the full render
+)
+"""Record-level problems: skippable with `on_bad_record: skip`, counted under these keys."""
+
+LAYOUTS = (
+    "explicit (prompt, chosen, rejected: strings); "
+    "chat (prompt: list of {role, content} messages; chosen, rejected: an assistant message, "
+    "a list of messages or a string); "
+    "hh (chosen, rejected: whole '\\n\\nHuman: ... \\n\\nAssistant: ...' dialogues)"
+)
+
+Format = Literal["explicit", "chat", "hh"]
+
+
+class DataConfig(Section):
+    """Where the static preference dataset comes from and how it is validated and split."""
+
+    path: str = Field(min_length=1)
+    """Local .jsonl, .jsonl.gz or .parquet file (relative to the cwd), or 'hf:<hub id>'."""
+    hub_split: str = Field(default="train", min_length=1)
+    """Split to read when `path` is a hub id."""
+    format: Literal["auto", "explicit", "chat", "hh"] = "auto"
+    """Record shape; 'auto' detects it per file from the first JSON object's keys and types."""
+    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
+    """Fraction of pairs held out for evaluation (hash-based, independent of record order)."""
+    split_seed: int = 0
+    """Seed of the train/held-out split; a different seed gives a different split."""
+    max_length: int = Field(default=512, ge=8)
+    """Token budget of prompt + response (+ EOS) per sequence."""
+    max_prompt_length: int = Field(default=256, ge=1)
+    """Prompt tokens kept (the last ones) before the response; must be below max_length."""
+    on_bad_record: Literal["error", "skip"] = "error"
+    """'error' stops at the first bad record; 'skip' drops bad records, counted per reason."""
+    limit: int | None = Field(default=None, gt=0)
+    """Keep only the first N valid, distinct pairs (smoke runs); None keeps all."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"max_prompt_length ({self.max_prompt_length}) must be below "
+                f"max_length ({self.max_length}) to leave room for the response"
+            )
+        if self.path.startswith(HUB_PREFIX) and not self.path[len(HUB_PREFIX) :].strip():
+            raise ValueError("path 'hf:' needs a hub id after it, e.g. 'hf:Anthropic/hh-rlhf'")
+        return self
+
+
+class DataError(ValueError):
+    """A dataset problem: `file`, `line` (1-based) or `row` (0-based), `field`, `reason`."""
+
+    def __init__(
+        self,
+        file: str,
+        reason: str,
+        detail: str,
+        *,
+        line: int | None = None,
+        row: int | None = None,
+        field: str | None = None,
+    ) -> None:
+        self.file, self.reason, self.detail = file, reason, detail
+        self.line, self.row, self.field = line, row, field
+        where = file
+        if line is not None:
+            where = f"{file}:{line}"
+        elif row is not None:
+            where = f"{file}:row {row}"
+        what = f"field '{field}': {detail}" if field else detail
+        super().__init__(f"{where}: {what}")
+
+
+class _Bad(Exception):
+    """A record-level problem before it is located (raised inside the normalisers)."""
+
+    def __init__(self, reason: str, field: str | None, detail: str) -> None:
+        super().__init__(detail)
+        self.reason, self.field, self.detail = reason, field, detail
+
+
+@dataclass(frozen=True)
+class LoadedPairs:
+    """Validated, de-duplicated pairs of one source, in file order, with what was dropped."""
+
+    pairs: tuple[PreferencePair, ...]
+    skipped: Mapping[str, int]  # reason -> records skipped (empty unless on_bad_record=skip)
+    duplicates: int  # records dropped because their content_id was already loaded
+    source: str  # the path as given, or 'hf:<id>[<split>]'
+    format: str  # the resolved shape: explicit | chat | hh
+
+
+@dataclass(frozen=True)
+class PreferenceDataset:
+    """A loaded, split dataset; `fingerprint` identifies it in every lineage record."""
+
+    train: tuple[PreferencePair, ...]
+    heldout: tuple[PreferencePair, ...]
+    fingerprint: str  # 64 hex digits, see dataset_fingerprint
+    skipped: Mapping[str, int]
+    duplicates: int
+    source: str
+    format: str
+
+    @property
+    def pairs(self) -> tuple[PreferencePair, ...]:
+        """Every pair, train first."""
+        return self.train + self.heldout
+
+
+# ---------------------------------------------------------------- reading records
+
+
+_JSON_TYPES = {dict: "object", list: "list", str: "str", bool: "bool", int: "int", float: "float"}
+
+
+def _type_name(value: Any) -> str:
+    """The JSON name of a value's type, for messages like 'got int'."""
+    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _jsonl_records(path: Path, display: str) -> Iterator[tuple[int, Any]]:
+    """(1-based line, JSON object or _Bad) per non-blank line; bytes split on b'\\n' only."""
+    opener = gzip.open if path.name.endswith(".gz") else open
+    lineno = 0
+    try:
+        with opener(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    text = raw.rstrip(b"\r\n").decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as exc:
+                    yield lineno, _Bad("invalid_utf8", None, f"invalid UTF-8 at byte {exc.start}")
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    yield lineno, _Bad(
+                        "malformed_json", None, f"malformed JSON: {exc.msg} (column {exc.colno})"
+                    )
+                    continue
+                if not isinstance(obj, dict):
+                    yield lineno, _Bad(
+                        "not_an_object", None, f"expected a JSON object, got {_type_name(obj)}"
+                    )
+                    continue
+                yield lineno, obj
+    except (OSError, EOFError, zlib.error) as exc:
+        # A truncated or corrupt .gz, or an unreadable file: nothing after this point is usable.
+        raise DataError(
+            display, "unreadable", f"cannot read the file after line {lineno}: {exc}"
+        ) from exc
+
+
+def _parquet_records(path: Path, display: str) -> Iterator[tuple[int, Any]]:
+    """(0-based row, dict) per Parquet row; nested columns come back as lists/dicts."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+        row = 0
+        for batch in parquet.iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield row, record
+                row += 1
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(display, "unreadable", f"cannot read the Parquet file: {exc}") from exc
+
+
+def _hub_offline() -> bool:
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return any(os.environ.get(k, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for k in flags)
+
+
+def _hub_records(cfg: DataConfig) -> Iterator[tuple[int, Any]]:
+    """(0-based row, dict) per row of a hub dataset split."""
+    hub_id = cfg.path[len(HUB_PREFIX) :]
+    if _hub_offline():
+        raise DataError(
+            cfg.path,
+            "offline",
+            "cannot read a hub dataset while offline (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set): "
+            "export it to a local .jsonl/.parquet file and point data.path at that",
+        )
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(hub_id, split=cfg.hub_split)
+    except Exception as exc:  # network, auth, missing split: all end here, say which and why
+        raise DataError(
+            cfg.path, "hub_error", f"datasets.load_dataset({hub_id!r}, split={cfg.hub_split!r}) "
+            f"failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    for row, record in enumerate(ds):
+        if not isinstance(record, dict):
+            record = _Bad("not_an_object", None, f"expected a record, got {_type_name(record)}")
+        yield row, record
+
+
+def _open_records(cfg: DataConfig) -> tuple[Iterator[tuple[int, Any]], str]:
+    """The source's records and the unit their positions are in ('line' or 'row')."""
+    if cfg.path.startswith(HUB_PREFIX):
+        return _hub_records(cfg), "row"
+    path = Path(cfg.path)
+    if not path.is_file():
+        what = "is a directory, not a file" if path.is_dir() else "no such file"
+        raise DataError(cfg.path, "missing_file", f"{what} (looked for {path.resolve()})")
+    if path.name.endswith(".parquet"):
+        return _parquet_records(path, cfg.path), "row"
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        return _jsonl_records(path, cfg.path), "line"
+    accepted = ", ".join(SUFFIXES)
+    raise DataError(cfg.path, "unsupported_file", f"unsupported file type; expected {accepted}")
+
+
+# ---------------------------------------------------------------- normalising records
+
+
+def _string(value: Any, field: str) -> str:
+    """`value` if it is a non-empty string; null counts as missing (Parquet has no absent keys)."""
+    if value is None:
+        raise _Bad("missing_field", field, "missing (expected a non-empty string)")
+    if not isinstance(value, str):
+        raise _Bad("wrong_type", field, f"expected a non-empty string, got {_type_name(value)}")
+    if not value:
+        raise _Bad("empty_field", field, "expected a non-empty string, got an empty string")
+    return value
+
+
+def _text(record: dict, key: str) -> str:
+    return _string(record.get(key), key)
+
+
+def _provenance(record: dict) -> dict[str, str | None]:
+    """Optional `category` and `id` (an int id becomes its decimal string; '' counts as absent)."""
+    category, source_id = record.get("category"), record.get("id")
+    if category is not None and not isinstance(category, str):
+        got = _type_name(category)
+        raise _Bad("wrong_type", "category", f"expected a string or null, got {got}")
+    if source_id is not None and (
+        isinstance(source_id, bool) or not isinstance(source_id, (str, int))
+    ):
+        got = _type_name(source_id)
+        raise _Bad("wrong_type", "id", f"expected a string, int or null, got {got}")
+    return {
+        "category": category or None,
+        "source_id": str(source_id) if source_id not in (None, "") else None,
+    }
+
+
+def _pair(prompt: str, chosen: str, rejected: str, record: dict) -> PreferencePair:
+    if chosen == rejected:
+        raise _Bad("identical_responses", "rejected", "identical to 'chosen': no preference")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, **_provenance(record))
+
+
+def _explicit(record: dict) -> PreferencePair:
+    prompt, chosen, rejected = (_text(record, k) for k in ("prompt", "chosen", "rejected"))
+    return _pair(prompt, chosen, rejected, record)
+
+
+def _hh(record: dict) -> PreferencePair:
+    chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
+    if chosen == rejected:
+        raise _Bad("identical_responses", "rejected", "identical to 'chosen': no preference")
+    # The prompt is the longest common prefix ending in the tag: walk the tags of `chosen` from
+    # the end and keep the first prefix `rejected` shares (C-speed, unlike a per-char scan).
+    end = len(chosen)
+    while True:
+        cut = chosen.rfind(HH_ASSISTANT_TAG, 0, end)
+        if cut < 0:
+            raise _Bad(
+                "no_common_prefix",
+                "rejected",
+                f"shares no prefix ending in {HH_ASSISTANT_TAG!r} with 'chosen', so there is "
+                "no prompt",
+            )
+        prompt = chosen[: cut + len(HH_ASSISTANT_TAG)]
+        if rejected.startswith(prompt):
+            break
+        end = cut + len(HH_ASSISTANT_TAG) - 1  # the next search must end before this tag
+    for key, whole in (("chosen", chosen), ("rejected", rejected)):
+        if len(whole) == len(prompt):
+            raise _Bad("empty_field", key, "empty response after the shared prompt")
+    return _pair(prompt, chosen[len(prompt) :], rejected[len(prompt) :], record)
+
+
+def _messages(record: dict, key: str, *, response: bool) -> list[dict]:
+    value = record.get(key)
+    expected = (
+        "an assistant message, a list of messages or a string"
+        if response
+        else "a list of {role, content} messages"
+    )
+    if value is None:
+        raise _Bad("missing_field", key, f"missing (expected {expected})")
+    if response and isinstance(value, str):
+        if not value:
+            raise _Bad("empty_field", key, "expected a non-empty string, got an empty string")
+        return [{"role": "assistant", "content": value}]
+    if response and isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise _Bad("wrong_type", key, f"expected {expected}, got {_type_name(value)}")
+    if not value:
+        raise _Bad("empty_field", key, "expected at least one message, got an empty list")
+    messages = []
+    for i, message in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(message, dict):
+            got = _type_name(message)
+            raise _Bad("wrong_type", where, f"expected a {{role, content}} message, got {got}")
+        for part in ("role", "content"):
+            _string(message.get(part), f"{where}.{part}")
+        messages.append(dict(message))
+    if response and messages[0]["role"] != "assistant":
+        got = messages[0]["role"]
+        raise _Bad("wrong_role", f"{key}[0].role", f"expected 'assistant', got {got!r}")
+    return messages
+
+
+def _chat_normaliser(tokenizer: Any, display: str) -> Callable[[dict], PreferencePair]:
+    """Check once that the tokenizer can render chats, then render each record with it."""
+    if tokenizer is None:
+        raise DataError(
+            display,
+            "no_tokenizer",
+            "chat-shaped records (prompt is a list of messages) are rendered with a chat "
+            "template: pass the policy's tokenizer to load_preference_dataset(cfg, tokenizer)",
+        )
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(
+            display,
+            "no_chat_template",
+            f"the tokenizer ({name}) has no chat_template to render chat-shaped records: set "
+            "tokenizer.chat_template or convert the data to prompt/chosen/rejected strings",
+        )
+
+    def render(messages: list[dict], field: str, **kwargs: Any) -> str:
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+        except Exception as exc:  # jinja raises many types (incl. raise_exception): record-level
+            raise _Bad("template_error", field, f"the chat template failed: {exc}") from exc
+        if not isinstance(text, str):
+            raise _Bad("template_error", field, f"the chat template returned {_type_name(text)}")
+        return text
+
+    def normalise(record: dict) -> PreferencePair:
+        prompt_messages = _messages(record, "prompt", response=False)
+        responses = {k: _messages(record, k, response=True) for k in ("chosen", "rejected")}
+        prompt = render(prompt_messages, "prompt", add_generation_prompt=True)
+        texts = {}
+        for key, messages in responses.items():
+            full = render(prompt_messages + messages, key)
+            if not full.startswith(prompt):
+                raise _Bad(
+                    "template_mismatch",
+                    key,
+                    "the chat template's render of the prompt (add_generation_prompt=True) is "
+                    "not a prefix of its render of the whole conversation",
+                )
+            texts[key] = full[len(prompt) :]
+            if not texts[key]:
+                raise _Bad("empty_field", key, "the response renders to an empty string")
+        return _pair(prompt, texts["chosen"], texts["rejected"], record)
+
+    return normalise
+
+
+def _detect_format(record: dict) -> str | None:
+    """The shape a record's keys and types say it has; None when no layout matches."""
+    if "prompt" in record and ("chosen" in record or "rejected" in record):
+        return "chat" if isinstance(record["prompt"], list) else "explicit"
+    if "chosen" in record and "rejected" in record:
+        return "hh"
+    return None
+
+
+# ---------------------------------------------------------------- public API
+
+
+def load_pairs(
+    source: DataConfig | str | os.PathLike, tokenizer: Any = None, **config: Any
+) -> LoadedPairs:
+    """Read, validate, normalise and de-duplicate one source.
+
+    `source` is a DataConfig, or a path / 'hf:<id>' with DataConfig fields as keywords
+    (`format=`, `on_bad_record=`, `limit=`, ...). `tokenizer` is needed only for chat data.
+    """
+    if isinstance(source, DataConfig):
+        cfg = DataConfig(**{**source.model_dump(), **config}) if config else source
+    else:
+        cfg = DataConfig(path=os.fspath(source), **config)
+    records, unit = _open_records(cfg)
+    fmt: str | None = None if cfg.format == "auto" else cfg.format
+    normalise: Callable[[dict], PreferencePair] | None = None
+    pairs: dict[str, PreferencePair] = {}  # content_id -> pair, in file order
+    skipped: Counter[str] = Counter()
+    duplicates = n_records = 0
+    for position, record in records:
+        n_records += 1
+        try:
+            if isinstance(record, _Bad):
+                raise record
+            if normalise is None:
+                fmt = fmt or _detect_format(record)
+                if fmt is None:
+                    raise DataError(
+                        cfg.path,
+                        "unknown_layout",
+                        f"unknown column layout: found columns {sorted(record)}; accepted "
+                        f"layouts: {LAYOUTS}",
+                        **{unit: position},
+                    )
+                normalise = _chat_normaliser(tokenizer, cfg.path) if fmt == "chat" else (
+                    _explicit if fmt == "explicit" else _hh
+                )
+            pair = normalise(record)
+        except _Bad as bad:
+            if cfg.on_bad_record == "error":
+                raise DataError(
+                    cfg.path, bad.reason, bad.detail, field=bad.field, **{unit: position}
+                ) from bad.__cause__
+            skipped[bad.reason] += 1
+            continue
+        content_id = pair.content_id  # a hash: compute once
+        if content_id in pairs:
+            duplicates += 1
+            continue
+        pairs[content_id] = pair
+        if cfg.limit is not None and len(pairs) >= cfg.limit:
+            break
+    if n_records == 0:
+        raise DataError(cfg.path, "empty_file", "no records: the source is empty")
+    if not pairs:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        raise DataError(
+            cfg.path, "no_valid_records", f"all {n_records} records were skipped ({counts})"
+        )
+    assert fmt is not None  # set when the first record was normalised
+    source_name = f"{cfg.path}[{cfg.hub_split}]" if cfg.path.startswith(HUB_PREFIX) else cfg.path
+    return LoadedPairs(
+        pairs=tuple(pairs.values()),
+        skipped=dict(sorted(skipped.items())),
+        duplicates=duplicates,
+        source=source_name,
+        format=fmt,
+    )
+
+
+def _split_key(content_id: str, seed: int) -> float:
+    """Uniform in [0, 1), a pure function of (content_id, seed)."""
+    digest = hashlib.sha256(f"{seed}:{content_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_pairs(
+    pairs: Sequence[PreferencePair], heldout_fraction: float, seed: int
+) -> tuple[tuple[PreferencePair, ...], tuple[PreferencePair, ...]]:
+    """(train, heldout), each in input order; a pair is held out iff its key < heldout_fraction.
+
+    The key depends only on the pair's content and the seed, so a pair's side does not change
+    when records are reordered or added. With at least two distinct pairs, neither side is left
+    empty: the pair with the lowest (highest) key moves over, which is still order-independent.
+    """
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    ids = [p.content_id for p in pairs]  # computed once: content_id hashes on every access
+    keys = {cid: _split_key(cid, seed) for cid in ids}
+    heldout_ids = {cid for cid, key in keys.items() if key < heldout_fraction}
+    if len(keys) >= 2 and not heldout_ids:
+        heldout_ids = {min(keys, key=lambda cid: (keys[cid], cid))}
+    if len(keys) >= 2 and len(heldout_ids) == len(keys):
+        heldout_ids.discard(max(keys, key=lambda cid: (keys[cid], cid)))
+    train = tuple(p for p, cid in zip(pairs, ids) if cid not in heldout_ids)
+    heldout = tuple(p for p, cid in zip(pairs, ids) if cid in heldout_ids)
+    return train, heldout
+
+
+def dataset_fingerprint(
+    train: Sequence[PreferencePair], heldout: Sequence[PreferencePair], format: str
+) -> str:
+    """sha256 (64 hex) of the resolved format and each pair's content id and side, in order."""
+    digest = hashlib.sha256(f"tether-dataset-v1\nformat {format}\n".encode())
+    for side, part in (("train", train), ("heldout", heldout)):
+        for pair in part:
+            digest.update(f"{side} {pair.content_id}\n".encode())
+    return digest.hexdigest()
+
+
+def load_preference_dataset(cfg: DataConfig, tokenizer: Any = None) -> PreferenceDataset:
+    """Load, validate, de-duplicate and split the configured dataset (tokenizer: chat data only)."""
+    loaded = load_pairs(cfg, tokenizer)
+    train, heldout = split_pairs(loaded.pairs, cfg.heldout_fraction, cfg.split_seed)
+    return PreferenceDataset(
+        train=train,
+        heldout=heldout,
+        fingerprint=dataset_fingerprint(train, heldout, loaded.format),
+        skipped=loaded.skipped,
+        duplicates=loaded.duplicates,
+        source=loaded.source,
+        format=loaded.format,
+    )
+
+
+def write_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike) -> Path:
+    """Write pairs as explicit-format JSONL (gzipped if the name ends in .gz), atomically.
+
+    Keys: prompt, chosen, rejected, plus category and id when set. The file appears complete
+    or not at all: it is written to a temporary file beside it, then renamed over.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            # mtime=0 keeps a .gz byte-identical across runs.
+            gz = path.name.endswith(".gz")
+            out = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if gz else raw
+            for pair in pairs:
+                record: dict[str, str] = {
+                    "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected
+                }
+                if pair.category is not None:
+                    record["category"] = pair.category
+                if pair.source_id is not None:
+                    record["id"] = pair.source_id
+                out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+            if out is not raw:
+                out.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,46 @@
+"""The preference pair: the one record type every loader returns and every stage consumes.
+
+A pair is (prompt, chosen, rejected) plus optional provenance. Its `content_id` is a hash of
+the three texts, so the same pair always has the same id whichever file, cycle or judge it came
+from; `id` is the dataset's own id when it had one, else the content id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def content_hash(prompt: str, chosen: str, rejected: str) -> str:
+    """Stable 32-hex-digit id of a pair's texts (JSON-encoded so field boundaries are unambiguous)."""
+    blob = json.dumps([prompt, chosen, rejected], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+class PreferencePair(BaseModel):
+    """One preference judgment: `chosen` is preferred over `rejected` as a reply to `prompt`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt: str = Field(min_length=1)
+    """The context both responses answer (already rendered to text, chat template applied)."""
+    chosen: str = Field(min_length=1)
+    """The preferred response (continuation of `prompt`)."""
+    rejected: str = Field(min_length=1)
+    """The dispreferred response (continuation of `prompt`)."""
+    category: str | None = None
+    """Optional task/topic label, used for per-category coverage and evaluation."""
+    source_id: str | None = None
+    """The dataset's own id for this record, when it had one."""
+
+    @property
+    def content_id(self) -> str:
+        """Hash of (prompt, chosen, rejected): adding the same pair twice is a no-op anywhere."""
+        return content_hash(self.prompt, self.chosen, self.rejected)
+
+    @property
+    def id(self) -> str:
+        """The dataset's id when given, else the content id."""
+        return self.source_id or self.content_id

@@ -1,0 +1,191 @@
+"""The offline baseline as plain functions, one per pipeline step.
+
+load + validate -> coverage -> tokenise -> reference log-probs -> train -> evaluate -> save.
+`orchestrator/flows.py` wraps each step in a Prefect task; tests and benchmarks call these
+directly, so every step runs (and is measured) without Prefect. Online cycles reuse
+`ensure_reference_logps`, `train_policy` and `save_policy` unchanged.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from offline.checkpoint import CheckpointRef, code_version, model_id, save_checkpoint
+from offline.coverage import CoverageReport, coverage_report
+from offline.data import DataConfig, PreferenceDataset, load_preference_dataset
+from offline.evaluate import EvalResult, evaluate_preferences
+from offline.models import LoadedPolicy, ModelConfig, load_policy, load_reference
+from offline.reference import ReferenceLogpCache, compute_reference_logps
+from offline.tokenize import TokenizedPair, tokenize_pairs
+from offline.train import TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizedDataset:
+    """The dataset's two splits as token ids, with the fingerprint they came from."""
+
+    train: list[TokenizedPair]
+    heldout: list[TokenizedPair]
+    fingerprint: str
+
+
+def resolve_data(cfg: DataConfig, state_dir: Path) -> DataConfig:
+    """`path: "demo:pairs"` -> the built-in demo dataset, generated once under the state dir."""
+    if cfg.path == "demo:pairs":
+        from offline.demo_task import demo_dataset_path
+
+        return cfg.model_copy(update={"path": str(demo_dataset_path(state_dir))})
+    return cfg
+
+
+def load_and_validate(cfg: DataConfig, tokenizer) -> PreferenceDataset:
+    """Load, validate and split the static dataset (errors name file, line and field)."""
+    dataset = load_preference_dataset(cfg, tokenizer=tokenizer)
+    log.info(
+        "loaded %d train / %d held-out pairs from %s (fingerprint %s)",
+        len(dataset.train), len(dataset.heldout), dataset.source, dataset.fingerprint[:12],
+    )
+    return dataset
+
+
+def build_coverage(dataset: PreferenceDataset, tokenizer, cfg: DataConfig) -> CoverageReport:
+    """What the static data covers: counts, categories, lengths, duplicates, truncation."""
+    return coverage_report(dataset, tokenizer, cfg.max_length, cfg.max_prompt_length)
+
+
+def tokenize_dataset(dataset: PreferenceDataset, tokenizer, cfg: DataConfig) -> TokenizedDataset:
+    """Token ids for both splits under the one truncation rule."""
+    return TokenizedDataset(
+        train=tokenize_pairs(dataset.train, tokenizer, cfg.max_length, cfg.max_prompt_length),
+        heldout=tokenize_pairs(dataset.heldout, tokenizer, cfg.max_length, cfg.max_prompt_length),
+        fingerprint=dataset.fingerprint,
+    )
+
+
+def reference_id_of(model_dir: Path) -> str:
+    """The reference's identity: the content id of the checkpoint it is loaded from."""
+    return model_id(model_dir)
+
+
+def ensure_reference_logps(
+    policy: LoadedPolicy,
+    pairs: Sequence[TokenizedPair],
+    reference_dir: Path,
+    cache_dir: Path,
+    batch_size: int,
+    progress: bool = True,
+) -> dict[str, tuple[float, float]]:
+    """Reference log-probs for `pairs`, computed once per (reference, pair) and cached on disk.
+
+    With LoRA the reference is the policy with its adapter disabled (no second copy); for full
+    fine-tuning a frozen copy is loaded only when some pair is missing, then freed.
+    """
+    reference_id = reference_id_of(reference_dir)
+    cache = ReferenceLogpCache(cache_dir)
+    pad = policy.tokenizer.pad_token_id
+    missing = sum(cache.get(reference_id, p) is None for p in pairs)
+    if missing == 0 or policy.reference is not None:
+        # All cached (no forward runs), or LoRA: the policy with its adapter disabled.
+        out = compute_reference_logps(
+            policy.model, pairs, reference_id, cache, batch_size, progress=progress,
+            pad_token_id=pad, reference_context=policy.reference,
+        )
+    else:
+        ref_model = load_reference(reference_dir, device=policy.model.device)
+        out = compute_reference_logps(
+            ref_model, pairs, reference_id, cache, batch_size, progress=progress, pad_token_id=pad
+        )
+        del ref_model
+        gc.collect()
+    log.info("reference log-probs: %d cached, %d computed", len(pairs) - missing, missing)
+    return out
+
+
+def train_policy(
+    policy: LoadedPolicy,
+    pairs: list[TokenizedPair],
+    reference_logps: Mapping[str, tuple[float, float]],
+    cfg: TrainConfig,
+    resume_dir: Path | None,
+    on_step: Callable[[dict], None] | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run the one training loop on `pairs` (resumable from `resume_dir` after a kill)."""
+    policy.model.train()
+    return train(
+        policy.model, pairs, reference_logps, cfg,
+        pad_token_id=policy.tokenizer.pad_token_id,
+        resume_dir=resume_dir, on_step=on_step, progress=progress,
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Held-out preference metrics.
+
+    `implicit` orders pairs by DPO's implicit reward beta*(log pi - log pi_ref), the standard
+    DPO accuracy (all ties, so 0, for the initial policy, which *is* the reference);
+    `likelihood` orders them by the policy's own log-probs, meaningful before and after.
+    """
+
+    implicit: EvalResult
+    likelihood: EvalResult
+
+
+def evaluate_policy(
+    policy: LoadedPolicy,
+    heldout: list[TokenizedPair],
+    reference_logps: Mapping[str, tuple[float, float]],
+    beta: float,
+    batch_size: int,
+) -> Evaluation:
+    """Preference accuracy and margin on the held-out split, overall and per category."""
+    policy.model.eval()
+    pad = policy.tokenizer.pad_token_id
+    zeros = {p.pair_id: (0.0, 0.0) for p in heldout}
+    with torch.no_grad():
+        implicit = evaluate_preferences(policy.model, heldout, reference_logps, beta, pad_token_id=pad, batch_size=batch_size)
+        likelihood = evaluate_preferences(policy.model, heldout, zeros, 1.0, pad_token_id=pad, batch_size=batch_size)
+    return Evaluation(implicit=implicit, likelihood=likelihood)
+
+
+def save_policy(
+    policy: LoadedPolicy,
+    root: Path,
+    name: str,
+    *,
+    kind: str,
+    fingerprint: str,
+    config: dict[str, Any],
+    parent: CheckpointRef | None,
+    seed: int,
+    result: TrainResult,
+    metrics: dict[str, Any],
+) -> CheckpointRef:
+    """Atomically write an HF-format checkpoint with its full lineage."""
+    lineage = {
+        "kind": kind,
+        "dataset_fingerprint": fingerprint,
+        "config": config,
+        "parent": parent.model_dump() if parent is not None else None,
+        "code_version": code_version(),
+        "seed": seed,
+        "steps": result.steps,
+        "resumed_from_step": result.resumed_from_step,
+        "step_pair_ids": result.step_pair_ids,
+        "final_metrics": metrics,
+    }
+    return save_checkpoint(policy.model, policy.tokenizer, root, name, lineage)
+
+
+def load_initial_policy(cfg: ModelConfig, state_dir: Path) -> LoadedPolicy:
+    """The policy to start from (built/converted into the state dir when needed)."""
+    return load_policy(cfg, state_dir)

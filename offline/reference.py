@@ -1,0 +1,202 @@
+"""Reference log-probs: computed once per (reference, pair), cached on disk, reused every epoch.
+
+Contract: `ReferenceLogpCache(directory)` maps (reference_id, pair_id) -> (chosen_logp,
+rejected_logp) as Python floats. Each reference has its own JSON file under `directory`, written
+atomically (temp file + `os.replace`), so a kill never leaves a torn cache; a different
+`reference_id` never sees another reference's values. Each entry also stores a digest of the pair's
+token ids, so a pair re-tokenised differently (other `max_length`, other tokenizer) is a miss,
+not a stale hit. `directory=None` keeps the cache in memory only.
+
+`compute_reference_logps(model, tokenized_pairs, reference_id, cache, ...)` runs the reference
+forward only for the pairs the cache lacks and returns values for all pairs. With LoRA the
+reference is the policy with its adapter disabled (`model.disable_adapter()`, detected for peft
+models), so no second copy of the weights is loaded; `reference_context` overrides that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, ContextManager, Mapping, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from offline.logps import PreferenceBatch, collate_pairs, sequence_logps
+from offline.tokenize import TokenizedPair
+
+_FORMAT = 1
+# Persist after this many batches too, so a long reference pass killed midway keeps its work.
+_SAVE_EVERY_BATCHES = 50
+
+
+def token_digest(pair: TokenizedPair) -> str:
+    """16-hex-digit hash of a pair's token ids (what the log-probs actually depend on)."""
+    blob = json.dumps([pair.prompt_ids, pair.chosen_ids, pair.rejected_ids], separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class ReferenceLogpCache:
+    """(reference_id, pair_id) -> (chosen_logp, rejected_logp), one atomic JSON file per reference."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        # reference_id -> pair_id -> (chosen, rejected, token digest)
+        self._entries: dict[str, dict[str, tuple[float, float, str]]] = {}
+        self._dirty: set[str] = set()
+
+    def path(self, reference_id: str) -> Path | None:
+        """The file holding `reference_id`'s values (named by a hash: ids may contain '/')."""
+        if self.directory is None:
+            return None
+        name = hashlib.sha256(reference_id.encode()).hexdigest()[:24]
+        return self.directory / f"reference-logps-{name}.json"
+
+    def _load(self, reference_id: str) -> dict[str, tuple[float, float, str]]:
+        if reference_id in self._entries:
+            return self._entries[reference_id]
+        entries: dict[str, tuple[float, float, str]] = {}
+        path = self.path(reference_id)
+        if path is not None and path.exists():
+            data = json.loads(path.read_text())
+            if data.get("format") != _FORMAT or data.get("reference_id") != reference_id:
+                raise ValueError(f"{path} is not a reference log-prob cache for {reference_id!r}; delete it")
+            entries = {k: (float(c), float(r), str(d)) for k, (c, r, d) in data["entries"].items()}
+        self._entries[reference_id] = entries
+        return entries
+
+    def get(self, reference_id: str, pair: TokenizedPair) -> tuple[float, float] | None:
+        """Cached values for `pair` under `reference_id`, or None (absent or tokenised differently)."""
+        hit = self._load(reference_id).get(pair.pair_id)
+        if hit is None or hit[2] != token_digest(pair):
+            return None
+        return hit[0], hit[1]
+
+    def put(self, reference_id: str, pair: TokenizedPair, chosen: float, rejected: float) -> None:
+        self._load(reference_id)[pair.pair_id] = (float(chosen), float(rejected), token_digest(pair))
+        self._dirty.add(reference_id)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._entries.values())
+
+    def save(self) -> None:
+        """Write every changed reference's file atomically (no-op in memory-only mode)."""
+        if self.directory is None:
+            self._dirty.clear()
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for reference_id in sorted(self._dirty):
+            entries = self._entries[reference_id]
+            payload = {
+                "format": _FORMAT,
+                "reference_id": reference_id,
+                # json writes floats with repr, which round-trips float64 exactly
+                "entries": {k: [c, r, d] for k, (c, r, d) in entries.items()},
+            }
+            _atomic_write_text(self.path(reference_id), json.dumps(payload, separators=(",", ":")))
+        self._dirty.clear()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def reference_context_for(model: nn.Module) -> Callable[[], ContextManager]:
+    """How to turn `model` into its reference: disable the adapter of a peft model, else nothing."""
+    if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
+        return model.disable_adapter
+    return contextlib.nullcontext
+
+
+def compute_reference_logps(
+    model: nn.Module,
+    tokenized_pairs: Sequence[TokenizedPair],
+    reference_id: str,
+    cache: ReferenceLogpCache,
+    batch_size: int = 16,
+    progress: bool = True,
+    *,
+    pad_token_id: int = 0,
+    reference_context: Callable[[], ContextManager] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Fill `cache` for the pairs it lacks under `reference_id`; return pair_id -> (chosen, rejected).
+
+    The forward runs in eval mode without gradients, batched by length to cut padding, in bf16
+    autocast on CUDA (as the training loop's policy forward, so the two log-probs agree at step 0)
+    and float32 elsewhere. `pad_token_id` only fills padding, which never changes the result.
+    """
+    result: dict[str, tuple[float, float]] = {}
+    missing: dict[str, TokenizedPair] = {}
+    for pair in tokenized_pairs:
+        hit = cache.get(reference_id, pair)
+        if hit is None:
+            missing[pair.pair_id] = pair
+        else:
+            result[pair.pair_id] = hit
+    if not missing:
+        return result
+
+    device = next(model.parameters()).device
+    todo = sorted(missing.values(), key=lambda p: p.n_tokens)
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    was_training = model.training
+    model.eval()
+    try:
+        bar = tqdm(batches, desc=f"reference log-probs ({len(todo)} pairs)", disable=not progress)
+        for n, group in enumerate(bar, start=1):
+            batch = collate_pairs(group, pad_token_id).to(device)
+            chosen, rejected = reference_batch_logps(model, batch, reference_context)
+            for pair, c, r in zip(group, chosen.tolist(), rejected.tolist()):
+                cache.put(reference_id, pair, c, r)
+                result[pair.pair_id] = (c, r)
+            if n % _SAVE_EVERY_BATCHES == 0:
+                cache.save()
+    finally:
+        model.train(was_training)
+        cache.save()
+    return result
+
+
+def reference_batch_logps(
+    model: nn.Module,
+    batch: PreferenceBatch,
+    reference_context: Callable[[], ContextManager] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference `(B,)` chosen and `(B,)` rejected log-probs of one batch, float32, no gradient.
+
+    bf16 autocast on CUDA (as the training loop's policy forward, so policy and reference agree
+    at step 0), float32 elsewhere. Dropout is whatever mode `model` is in.
+    """
+    device = batch.input_ids.device
+    context = reference_context or reference_context_for(model)
+    with torch.no_grad(), context(), torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    ):
+        logps = sequence_logps(model, batch).float()  # (2B,)
+    return logps.chunk(2)
+
+
+def check_reference_logps(
+    reference_logps: Mapping[str, tuple[float, float]], pairs: Sequence[TokenizedPair]
+) -> None:
+    """Raise if `reference_logps` lacks any of `pairs`, saying how many and which (first few)."""
+    missing = [p.pair_id for p in pairs if p.pair_id not in reference_logps]
+    if missing:
+        raise ValueError(
+            f"reference_logps lacks {len(missing)} of {len(pairs)} pairs (e.g. {missing[:3]}): "
+            "run offline.reference.compute_reference_logps on the same tokenized pairs first"
+        )

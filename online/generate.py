@@ -1,0 +1,394 @@
+"""Generation: k sampled responses per prompt from the current policy, behind one interface.
+
+Contract: `build_generator(cfg, model_dir, policy_version, model=None, tokenizer=None) ->
+Generator`, whose `generate(prompts, k, seed) -> list[Generation]` returns one `Generation`
+per `(prompt, category)`, in order, each with exactly `k` responses (prompt stripped, cut at
+EOS). Three backends:
+
+- `hf`: transformers `generate` in-process (the CPU default; reuses a loaded model+tokenizer).
+- `openai`: any OpenAI-compatible completions server (e.g. `vllm serve <checkpoint>`); one
+  request per prompt with `n=k`, bounded concurrency, timeouts and retries declared in one
+  place (`_RETRY_STATUS`, `_post_with_retries`); the API key comes from an env var and is never
+  logged.
+- `vllm`: in-process `vllm.LLM` on a GPU (optional extra `tether[vllm]`).
+
+Prompts are tokenised without special tokens, as `offline.tokenize` does for training: the
+prompt text already carries any chat template, so generation continues exactly the text the
+trainer scores. Sampling is plain ancestral sampling (top-k off) shaped only by `temperature`
+and `top_p`, so with temperature 1 and top_p 1 the samples are draws from the policy itself,
+which the KL estimate in `online.kl` relies on (it shares `sample_ids` below).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Literal, Protocol
+
+import httpx
+import torch
+from pydantic import Field, model_validator
+
+from offline.section import Section
+from online.prompts import Prompt
+from online.types import Generation
+
+# Transient failures worth a re-send; any other non-2xx status fails at once.
+_RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+_MAX_BACKOFF_S = 30.0
+
+
+class GenerationConfig(Section):
+    """How the policy's samples are produced (backend and sampling parameters)."""
+
+    backend: Literal["hf", "openai", "vllm"] = "hf"
+    """hf: transformers in-process (CPU default); openai: a completions server; vllm: in-process GPU."""
+    k: int = Field(default=4, ge=2)
+    """Responses sampled per prompt (pairs are formed among them)."""
+    temperature: float = Field(default=1.0, gt=0.0)
+    """Softmax temperature (1.0 samples the policy itself)."""
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    """Nucleus sampling mass (1.0 = off)."""
+    max_new_tokens: int = Field(default=64, gt=0)
+    """Most tokens per response."""
+    batch_size: int = Field(default=16, gt=0)
+    """hf backend: prompts per `generate` call (each expands to k sequences)."""
+    base_url: str | None = None
+    """openai backend: server root including the API prefix, e.g. http://localhost:8000/v1."""
+    model: str | None = None
+    """openai backend: served model name; default the checkpoint dir (vllm serve's default name)."""
+    api_key_env: str = "TETHER_GENERATION_API_KEY"
+    """openai backend: name of the env var holding the API key (unset = no auth header)."""
+    concurrency: int = Field(default=8, gt=0)
+    """openai backend: requests in flight at once."""
+    timeout_s: float = Field(default=60.0, gt=0.0)
+    """openai backend: per-request timeout, seconds."""
+    max_retries: int = Field(default=3, ge=0)
+    """openai backend: re-sends after a 408/409/425/429/5xx, a timeout or a connection error."""
+    retry_backoff_s: float = Field(default=0.5, ge=0.0)
+    """openai backend: first retry delay, doubled each retry (a Retry-After header wins)."""
+
+    @model_validator(mode="after")
+    def _server_needs_url(self) -> GenerationConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError(
+                "generation.backend 'openai' needs generation.base_url (e.g. http://localhost:8000/v1)"
+            )
+        return self
+
+
+class GenerationError(RuntimeError):
+    """Generation failed for good (server error after retries, malformed reply, missing backend)."""
+
+
+class Generator(Protocol):
+    """Anything that samples k responses per prompt from one policy version."""
+
+    def generate(self, prompts: Sequence[Prompt], k: int, seed: int) -> list[Generation]: ...
+
+
+def build_generator(
+    cfg: GenerationConfig,
+    model_dir: str | Path | None,
+    policy_version: str,
+    model=None,
+    tokenizer=None,
+) -> Generator:
+    """The configured backend for the checkpoint at `model_dir` (hf may reuse `model`+`tokenizer`)."""
+    if cfg.backend == "hf":
+        if model is None or tokenizer is None:
+            if model_dir is None:
+                raise ValueError("the hf backend needs model_dir or an already-loaded model and tokenizer")
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            model = model if model is not None else AutoModelForCausalLM.from_pretrained(model_dir)
+            tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(model_dir)
+        return HFGenerator(model, tokenizer, cfg, policy_version)
+    if cfg.backend == "openai":
+        name = cfg.model or (str(model_dir) if model_dir is not None else None)
+        if name is None:
+            raise ValueError("the openai backend needs generation.model or model_dir (the served model name)")
+        return OpenAIGenerator(cfg, name, policy_version)
+    if model_dir is None:
+        raise ValueError("the vllm backend needs model_dir (a checkpoint directory)")
+    return VLLMGenerator(cfg, model_dir, policy_version)
+
+
+# ----------------------------------------------------------------------------- hf backend
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
+    """Prompt token ids without special tokens (the text already carries any template)."""
+    ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"] if prompts else []
+    for text, row in zip(prompts, ids):
+        if not row:
+            raise ValueError(f"prompt {text!r:.60} tokenises to nothing: cannot generate from it")
+    return ids
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T): left-padded so every prompt ends at column T-1."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def sample_ids(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    k: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    do_sample: bool = True,
+    batch_size: int = 16,
+) -> list[list[list[int]]]:
+    """k responses' token ids per prompt ([prompt][sample][token]), each cut after its first EOS.
+
+    The EOS is kept when sampled (stopping is part of the sampled sequence; a response without
+    one hit `max_new_tokens`). Seeded on a forked RNG, so the caller's RNG state is untouched;
+    the same (prompts, batch_size, seed) gives the same samples.
+    """
+    from transformers import GenerationConfig as HFGenerationConfig
+
+    device = next(model.parameters()).device
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    # Unset fields would be filled from the checkpoint's generation_config.json and then from
+    # transformers' defaults (top_k=50!), so every other warper is set to its neutral value:
+    # the samples must follow the policy's own distribution, shaped only by temperature/top_p.
+    gen_cfg = HFGenerationConfig(
+        do_sample=do_sample,
+        top_k=0,
+        min_p=0.0,
+        typical_p=1.0,
+        repetition_penalty=1.0,
+        no_repeat_ngram_size=0,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=k if do_sample else 1,  # greedy: one answer, copied k times below
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        **sampling,
+    )
+    was_training = model.training
+    model.eval()
+    out: list[list[list[int]]] = []
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompt_ids), batch_size):
+                rows = prompt_ids[start : start + batch_size]
+                input_ids, mask = left_pad(rows, pad_id)  # (B, T)
+                seqs = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gen_cfg
+                )  # (B*k, T + new) sampling, row b*k + j is sample j of prompt b; (B, T + new) greedy
+                new = seqs[:, input_ids.shape[1] :].tolist()
+                per_prompt = k if do_sample else 1
+                for b in range(len(rows)):
+                    out.append([_cut_at_eos(new[b * per_prompt + j % per_prompt], eos_id) for j in range(k)])
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+class HFGenerator:
+    """transformers `generate`, batched and left-padded, on whatever device the model is on."""
+
+    def __init__(self, model, tokenizer, cfg: GenerationConfig, policy_version: str, do_sample: bool = True):
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token: generation could never stop")
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.policy_version = policy_version
+        self.do_sample = do_sample  # False: greedy (evaluation, tests); k copies of one answer
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+
+    def generate(self, prompts: Sequence[Prompt], k: int, seed: int) -> list[Generation]:
+        if not prompts:
+            return []
+        samples = sample_ids(
+            self.model,
+            encode_prompts(self.tokenizer, [p for p, _ in prompts]),
+            k=k,
+            max_new_tokens=self.cfg.max_new_tokens,
+            eos_id=self.tokenizer.eos_token_id,
+            pad_id=self.pad_id,
+            seed=seed,
+            temperature=self.cfg.temperature,
+            top_p=self.cfg.top_p,
+            do_sample=self.do_sample,
+            batch_size=self.cfg.batch_size,
+        )
+        return [
+            Generation(
+                prompt=prompt,
+                category=category,
+                responses=tuple(self.tokenizer.decode(r, skip_special_tokens=True) for r in rs),
+                policy_version=self.policy_version,
+            )
+            for (prompt, category), rs in zip(prompts, samples)
+        ]
+
+
+# ------------------------------------------------------------------------- openai backend
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """A per-request seed: distinct per (seed, index), so cycles and prompts never share noise."""
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+class OpenAIGenerator:
+    """An OpenAI-compatible `/completions` server; the payload is built only here, at the edge."""
+
+    def __init__(self, cfg: GenerationConfig, model_name: str, policy_version: str):
+        self.cfg, self.model_name, self.policy_version = cfg, model_name, policy_version
+        self.url = f"{str(cfg.base_url).rstrip('/')}/completions"
+
+    def __repr__(self) -> str:  # never show headers (the API key)
+        return f"OpenAIGenerator(url={self.url!r}, model={self.model_name!r})"
+
+    def generate(self, prompts: Sequence[Prompt], k: int, seed: int) -> list[Generation]:
+        if not prompts:
+            return []
+        headers = {}
+        key = os.environ.get(self.cfg.api_key_env)
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        with (
+            httpx.Client(timeout=self.cfg.timeout_s, headers=headers) as client,
+            ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool,
+        ):
+            def one(i: int) -> tuple[str, ...]:
+                return self._complete(client, prompts[i][0], k, derive_seed(seed, i))
+
+            responses = list(pool.map(one, range(len(prompts))))
+        return [
+            Generation(prompt=p, category=c, responses=r, policy_version=self.policy_version)
+            for (p, c), r in zip(prompts, responses)
+        ]
+
+    def _complete(self, client: httpx.Client, prompt: str, k: int, seed: int) -> tuple[str, ...]:
+        payload = {
+            "model": self.model_name,
+            "prompt": prompt,
+            "n": k,
+            "temperature": self.cfg.temperature,
+            "top_p": self.cfg.top_p,
+            "max_tokens": self.cfg.max_new_tokens,
+            "seed": seed,
+        }
+        body = _post_with_retries(client, self.url, payload, self.cfg.max_retries, self.cfg.retry_backoff_s)
+        try:
+            choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
+            texts = tuple(c["text"] for c in choices)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise GenerationError(f"{self.url}: malformed completions reply (missing {exc})") from None
+        if len(texts) != k or not all(isinstance(t, str) for t in texts):
+            raise GenerationError(
+                f"{self.url}: asked for n={k} completions, got {len(texts)}: does the server support `n`?"
+            )
+        return texts
+
+
+def _post_with_retries(
+    client: httpx.Client, url: str, payload: dict, max_retries: int, backoff_s: float
+) -> dict:
+    """POST JSON; re-send on `_RETRY_STATUS`, timeouts and connection errors, else fail at once."""
+    for attempt in range(max_retries + 1):
+        last_try = attempt == max_retries
+        try:
+            resp = client.post(url, json=payload)
+        except httpx.TransportError as exc:
+            if last_try:
+                raise GenerationError(
+                    f"{url}: {type(exc).__name__} after {attempt + 1} tries: {exc}"
+                ) from None
+            time.sleep(min(backoff_s * 2**attempt, _MAX_BACKOFF_S))
+            continue
+        if resp.status_code < 300:
+            try:
+                return resp.json()
+            except ValueError:
+                raise GenerationError(f"{url}: reply is not JSON: {resp.text[:200]!r}") from None
+        if resp.status_code not in _RETRY_STATUS or last_try:
+            tries = f" after {attempt + 1} tries" if attempt else ""
+            raise GenerationError(f"{url}: HTTP {resp.status_code}{tries}: {resp.text[:300]}")
+        time.sleep(_retry_delay(resp, backoff_s * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _retry_delay(resp: httpx.Response, default: float) -> float:
+    try:
+        return min(float(resp.headers["retry-after"]), _MAX_BACKOFF_S)
+    except (KeyError, ValueError):
+        return min(default, _MAX_BACKOFF_S)
+
+
+# --------------------------------------------------------------------------- vllm backend
+
+
+class VLLMGenerator:
+    """In-process `vllm.LLM` on a GPU. Optional extra `tether[vllm]`.
+
+    Not exercised in CI (no GPU, vllm not installed): kept deliberately small, and its test is
+    skipped unless vllm and CUDA are both present. Prompts go in as token ids (encoded like the
+    hf backend, no special tokens) so both backends continue exactly the same text.
+    """
+
+    def __init__(self, cfg: GenerationConfig, model_dir: str | Path, policy_version: str):
+        try:
+            import vllm
+        except ImportError:
+            raise GenerationError(
+                "generation.backend 'vllm' needs the vllm package: install `tether[vllm]` on a GPU machine"
+            ) from None
+        if not torch.cuda.is_available():
+            raise GenerationError(
+                "generation.backend 'vllm' needs a CUDA GPU: run it on a GPU machine with `tether[vllm]`"
+            )
+        self.cfg, self.policy_version, self._vllm = cfg, policy_version, vllm
+        self.llm = vllm.LLM(model=str(model_dir))
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def generate(self, prompts: Sequence[Prompt], k: int, seed: int) -> list[Generation]:
+        if not prompts:
+            return []
+        ids = encode_prompts(self.tokenizer, [p for p, _ in prompts])
+        params = [
+            self._vllm.SamplingParams(
+                n=k,
+                temperature=self.cfg.temperature,
+                top_p=self.cfg.top_p,
+                max_tokens=self.cfg.max_new_tokens,
+                seed=derive_seed(seed, i),
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate([{"prompt_token_ids": row} for row in ids], params, use_tqdm=False)
+        return [
+            Generation(
+                prompt=p,
+                category=c,
+                responses=tuple(o.text for o in out.outputs),
+                policy_version=self.policy_version,
+            )
+            for (p, c), out in zip(prompts, outputs)
+        ]

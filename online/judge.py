@@ -1,0 +1,669 @@
+"""Judges: turn generations (k samples per prompt) into labelled preference pairs.
+
+One interface, three kinds. Every judge has a `name` and
+`judge_generations(generations) -> (judgments, stats)`; `build_judge(cfg)` makes one from a
+`JudgeConfig`. Ties, unparseable verdicts and failed requests are dropped and counted in
+`JudgeStats`, never turned into labels. Empty and duplicate responses are never paired.
+
+1. `LLMJudge` (kind "llm"): an OpenAI-compatible chat API (`POST {base_url}/chat/completions`).
+   Pairs come from `judge_prompt.select_pairs` (disjoint consecutive pairs of distinct
+   responses); each pair is asked in both orders (A/B, then swapped) and labelled only when
+   both orders name the same response, with confidence 1.0; otherwise it is a tie. Requests
+   run concurrently, at most `concurrency` at once, each with a `timeout_s` timeout; 429,
+   5xx, timeouts, connection errors and malformed bodies are retried up to `max_retries` times
+   with exponential backoff and jitter, or after exactly the server's `Retry-After` (plus up
+   to 10% jitter) when it sends one (a Retry-After over `MAX_RETRY_AFTER_S` gives the request
+   up instead of stalling the cycle). 401/403/404 mean the configuration is wrong and raise
+   `JudgeAPIError`; other 4xx fail that pair only (counted in `errors`). The API key is read
+   from the environment variable `api_key_env` at each pass and only ever placed in the
+   Authorization header: it is not stored on the judge, logged, or put in any message or stat.
+   Parsed verdicts are cached per ordered call (`judge_prompt.verdict_cache_key`) in memory
+   and, with `cache_dir`, in a JSON file written atomically after each pass. The budget
+   (`max_calls`, `max_cost_usd`; see `online.cost`) stops a pass cleanly: a pair reserves its
+   requests when its first request is about to start; a refused pair is not started, requests
+   in flight finish, and the partial judgments are returned with `budget_exhausted=True`.
+   `judge_generations` is a sync wrapper (`asyncio.run`) for callers without an event loop;
+   inside a running loop, `await ajudge_generations(...)`.
+2. `RewardModelJudge` (kind "reward_model"): a sequence-classification model with one label
+   scores prompt+response; the pair is the best vs the worst distinct response of each
+   generation when their score margin is > 0 and >= `min_margin`; confidence = sigmoid(margin).
+3. `RuleJudge` (kind "rule"): a callable `module:function(prompt, response) -> float` (e.g. in
+   [0, 1]) scores each response; same best-vs-worst rule; confidence = margin clipped to [0, 1].
+
+The local judges make no API calls (stats.calls == 0) and so are never limited by the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import ssl
+import tempfile
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import httpx
+from pydantic import Field, model_validator
+
+from offline.section import Section
+from online.cost import Budget, CostMeter
+from online.judge_prompt import (
+    TEMPLATE_VERSION,
+    Verdict,
+    build_pairwise_messages,
+    combine_orders,
+    distinct_indices,
+    parse_verdict,
+    select_pairs,
+    verdict_cache_key,
+)
+from online.types import Generation, Judgment, JudgeStats
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+
+
+class LLMJudgeConfig(Section):
+    """A pairwise judge behind an OpenAI-compatible chat completions API."""
+
+    base_url: str = Field(pattern=r"^https?://\S+$")
+    """API root, e.g. `https://api.openai.com/v1` (`/chat/completions` is appended)."""
+    model: str = Field(min_length=1)
+    """Judge model name sent in each request."""
+    api_key_env: str = Field(default="TETHER_JUDGE_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    """Environment variable holding the API key (unset: no Authorization header is sent)."""
+    concurrency: int = Field(default=8, gt=0, le=1024)
+    """Requests in flight at once."""
+    timeout_s: float = Field(default=30.0, gt=0)
+    """Per-request timeout (connect, read, write and pool wait each), seconds."""
+    max_retries: int = Field(default=5, ge=0)
+    """Re-sends after a 429/5xx/timeout/connection error before a request gives up."""
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    """First backoff wait; doubles each retry, with jitter (when no Retry-After is sent)."""
+    backoff_max_s: float = Field(default=20.0, gt=0)
+    """Cap on one exponential backoff wait (a server's Retry-After is honoured regardless)."""
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    """Sampling temperature of the judge (0: deterministic verdicts, which makes caching sound)."""
+    max_tokens: int = Field(default=16, gt=0)
+    """Completion token cap; the verdict is one token."""
+    price_prompt_per_mtok: float = Field(default=0.0, ge=0.0)
+    """USD per 1M prompt tokens."""
+    price_completion_per_mtok: float = Field(default=0.0, ge=0.0)
+    """USD per 1M completion tokens."""
+    cache_dir: str | None = None
+    """Directory for the persistent verdict cache (None: in-memory only)."""
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> LLMJudgeConfig:
+        if self.backoff_max_s < self.backoff_base_s:
+            raise ValueError("backoff_max_s must be >= backoff_base_s")
+        return self
+
+
+class RewardModelJudgeConfig(Section):
+    """A local reward model (sequence classification, one label) scoring each response."""
+
+    path: str = Field(min_length=1)
+    """Directory of a transformers model + tokenizer (`save_pretrained` layout)."""
+    batch_size: int = Field(default=16, gt=0)
+    """Sequences per forward pass."""
+    min_margin: float = Field(default=0.0, ge=0.0)
+    """Smallest best-minus-worst score difference that makes a label (below: tie)."""
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    """Torch device; "auto" picks cuda when available, else cpu."""
+
+
+class RuleJudgeConfig(Section):
+    """A python scoring function `module:function(prompt, response) -> float`."""
+
+    function: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+    """Import path of the scorer, `package.module:function`."""
+    min_margin: float = Field(default=0.0, ge=0.0)
+    """Smallest best-minus-worst score difference that makes a label (below: tie)."""
+
+
+class JudgeConfig(Section):
+    """Which judge labels online pairs, and the per-cycle API budget."""
+
+    kind: Literal["llm", "reward_model", "rule"]
+    """Judge kind; the section of the same name must be present."""
+    llm: LLMJudgeConfig | None = None
+    """Settings of the LLM judge (kind "llm")."""
+    reward_model: RewardModelJudgeConfig | None = None
+    """Settings of the reward-model judge (kind "reward_model")."""
+    rule: RuleJudgeConfig | None = None
+    """Settings of the rule judge (kind "rule")."""
+    max_calls: int | None = Field(default=None, gt=0)
+    """Most API requests per cycle, retries included (None: unlimited)."""
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    """No new API request starts once a cycle has spent this much (None: unlimited)."""
+
+    @model_validator(mode="after")
+    def _section_for_kind(self) -> JudgeConfig:
+        if getattr(self, self.kind) is None:
+            raise ValueError(f"judge kind is {self.kind!r} but the `{self.kind}` section is missing")
+        return self
+
+
+class Judge(Protocol):
+    """Anything that turns generations into judgments."""
+
+    name: str
+
+    def judge_generations(self, generations: list[Generation]) -> tuple[list[Judgment], JudgeStats]:
+        """Label pairs from `generations`; returns the judgments (input order) and the pass's stats."""
+        ...
+
+
+def build_judge(cfg: JudgeConfig) -> Judge:
+    """The judge `cfg.kind` names (reward models are loaded and rule functions imported now)."""
+    if cfg.kind == "llm":
+        assert cfg.llm is not None
+        return LLMJudge(cfg.llm, Budget(cfg.max_calls, cfg.max_cost_usd))
+    if cfg.kind == "reward_model":
+        assert cfg.reward_model is not None
+        return RewardModelJudge(cfg.reward_model)
+    assert cfg.rule is not None
+    return RuleJudge(cfg.rule)
+
+
+class JudgeAPIError(RuntimeError):
+    """The judge API refused in a way retrying cannot fix (wrong key, model or URL)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry timing (pure)
+
+# A Retry-After longer than this is treated as "not today": the request gives up rather than
+# stall the cycle.
+MAX_RETRY_AFTER_S = 120.0
+
+
+def retry_after_s(header: str | None, now: float | None = None) -> float | None:
+    """Seconds a `Retry-After` header asks us to wait (delta-seconds or HTTP-date), else None."""
+    if header is None:
+        return None
+    header = header.strip()
+    try:
+        return max(0.0, float(header))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(header)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Wait before re-send number `attempt + 1`: min(max, base * 2**attempt), times U(0.5, 1).
+
+    Jitter spreads out re-sends of requests that failed together; keeping at least half the
+    exponential wait keeps the backoff meaningful.
+    """
+    return min(max_s, base_s * 2.0**attempt) * rng.uniform(0.5, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verdict cache
+
+
+class VerdictCache:
+    """Parsed verdicts by `verdict_cache_key`: a dict, mirrored to `<cache_dir>/llm_judge_verdicts.json`.
+
+    `flush` merges with whatever is on disk (another process may have added entries) and
+    replaces the file atomically (temp file + fsync + rename), so a crash never leaves a torn
+    file. Only parsed verdicts are stored: unparseable replies and failures are retried next time.
+    """
+
+    FILE_NAME = "llm_judge_verdicts.json"
+
+    def __init__(self, cache_dir: str | Path | None) -> None:
+        self.path = Path(cache_dir) / self.FILE_NAME if cache_dir is not None else None
+        self._verdicts: dict[str, Verdict] = self._read() if self.path is not None else {}
+        self._unsaved: dict[str, Verdict] = {}
+
+    def get(self, key: str) -> Verdict | None:
+        return self._verdicts.get(key)
+
+    def put(self, key: str, verdict: Verdict) -> None:
+        self._verdicts[key] = verdict
+        self._unsaved[key] = verdict
+
+    def __len__(self) -> int:
+        return len(self._verdicts)
+
+    def flush(self) -> None:
+        """Write new verdicts to the cache file (no-op without a cache dir or new entries)."""
+        if self.path is None or not self._unsaved:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        merged = {**self._read(), **self._unsaved}
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verdicts-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(merged, f, separators=(",", ":"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self._verdicts.update(merged)
+        self._unsaved.clear()
+
+    def _read(self) -> dict[str, Verdict]:
+        assert self.path is not None
+        if not self.path.exists():
+            return {}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            # The cache only saves money; a damaged one is rebuilt rather than failing the cycle.
+            log.warning("ignoring unreadable judge cache %s (%s); it will be rewritten", self.path, exc)
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if v in ("A", "B", "tie")}
+
+
+# ---------------------------------------------------------------------------------------------
+# LLM judge
+
+_ERROR = "error"  # a request failed for good
+_BUDGET = "budget"  # a request was not sent because the budget ran out
+
+
+class _Ticket:
+    """A pair's request reservation, taken by whichever of its two calls starts first."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.granted: bool | None = None
+
+    def claim(self, meter: CostMeter) -> bool:
+        if self.granted is None:
+            self.granted = meter.reserve(self.n)
+        return self.granted
+
+
+class LLMJudge:
+    """Pairwise judge over an OpenAI-compatible chat API (see module docstring)."""
+
+    def __init__(self, cfg: LLMJudgeConfig, budget: Budget = Budget()) -> None:
+        self.cfg = cfg
+        self.budget = budget
+        self.name = f"llm:{cfg.model}"
+        self.cache = VerdictCache(cfg.cache_dir)
+        # Parsed once: httpx re-parses a str URL on every request.
+        self._url = httpx.URL(cfg.base_url.rstrip("/") + "/chat/completions")
+        self._rng = random.Random()
+        self._ssl_context: ssl.SSLContext | None = None
+
+    def __repr__(self) -> str:
+        return f"LLMJudge(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
+
+    def judge_generations(self, generations: list[Generation]) -> tuple[list[Judgment], JudgeStats]:
+        """Sync wrapper: runs `ajudge_generations` with `asyncio.run` (no loop may be running)."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(self.ajudge_generations(generations))
+        raise RuntimeError(
+            "LLMJudge.judge_generations called inside a running event loop; "
+            "use `await judge.ajudge_generations(...)` there"
+        )
+
+    async def ajudge_generations(self, generations: list[Generation]) -> tuple[list[Judgment], JudgeStats]:
+        """Judge every selected pair of every generation; judgments come back in input order."""
+        cfg = self.cfg
+        meter = CostMeter(self.budget, cfg.price_prompt_per_mtok, cfg.price_completion_per_mtok)
+        headers = self._headers()
+        started = time.perf_counter()
+        # One single-connection client per concurrency slot; the queue of idle clients is the
+        # semaphore. httpcore's pool rescans every pooled connection (with a socket-readability
+        # syscall each) whenever a request enters or leaves it, so one shared pool of N
+        # connections costs O(N) per request; N pools of one keep it O(1) (about half the CPU
+        # per call at N=16, measured). All clients share one SSL context.
+        if self._ssl_context is None:
+            self._ssl_context = httpx.create_ssl_context()  # loads the CA bundle: once per judge
+        slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(cfg.concurrency):
+                    client = httpx.AsyncClient(
+                        headers=headers,
+                        timeout=httpx.Timeout(cfg.timeout_s),
+                        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                        verify=self._ssl_context,
+                    )
+                    slots.put_nowait(await stack.enter_async_context(client))
+                jobs = [
+                    self._judge_pair(slots, meter, gen, i, j)
+                    for gen in generations
+                    for i, j in select_pairs(gen.responses)
+                ]
+                results = await _gather_or_cancel(jobs)
+        finally:
+            self.cache.flush()  # verdicts already paid for are kept even if the pass failed
+        judgments = [r for r in results if r is not None]
+        stats = meter.snapshot()
+        log.info(
+            "%s: %d pairs -> %d judgments, %d ties, %d unparseable, %d errors; %d calls "
+            "(%d retries, %d cache hits), $%.4f%s in %.1fs",
+            self.name, len(results), stats.judgments, stats.ties, stats.unparseable, stats.errors,
+            stats.calls, stats.retries, stats.cache_hits, stats.cost_usd,
+            " [budget exhausted]" if stats.budget_exhausted else "", time.perf_counter() - started,
+        )
+        return judgments, stats
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(self.cfg.api_key_env, "").strip()
+        if not key:
+            log.warning("%s is not set: calling the judge API without an Authorization header", self.cfg.api_key_env)
+            return headers
+        if not key.isprintable() or any(c.isspace() for c in key):
+            # httpx/h11 would echo an illegal header value in its exception message.
+            raise ValueError(f"{self.cfg.api_key_env} contains whitespace or control characters; fix the key")
+        return {**headers, "Authorization": f"Bearer {key}"}
+
+    async def _judge_pair(
+        self, slots: asyncio.Queue[httpx.AsyncClient], meter: CostMeter, gen: Generation, i: int, j: int
+    ) -> Judgment | None:
+        first, second = gen.responses[i], gen.responses[j]
+        model = self.cfg.model
+        keys = (
+            verdict_cache_key(model, gen.prompt, first, second),
+            verdict_cache_key(model, gen.prompt, second, first),
+        )
+        cached = [self.cache.get(k) for k in keys]
+        ticket = _Ticket(sum(v is None for v in cached))
+        results: list[Any] = list(
+            await asyncio.gather(
+                *(
+                    _done(v) if v is not None else self._ask(slots, meter, ticket, key, gen.prompt, a, b)
+                    for v, key, (a, b) in zip(cached, keys, ((first, second), (second, first)))
+                )
+            )
+        )
+        meter.cache_hits += sum(v is not None for v in cached)
+        if _BUDGET in results:
+            return None  # not (fully) started: belongs to no outcome count
+        if _ERROR in results:
+            meter.errors += 1
+            return None
+        verdict_ab, verdict_ba = results
+        outcome = combine_orders(verdict_ab, verdict_ba)
+        if outcome == "unparseable":
+            meter.unparseable += 1
+            return None
+        if outcome == "tie":
+            meter.ties += 1
+            return None
+        meter.judgments += 1
+        chosen, rejected = (first, second) if outcome == "first" else (second, first)
+        return Judgment(
+            prompt=gen.prompt,
+            category=gen.category,
+            chosen=chosen,
+            rejected=rejected,
+            judge=self.name,
+            confidence=1.0,
+            details={
+                "verdicts": [verdict_ab, verdict_ba],
+                "cached": [v is not None for v in cached],
+                "template": TEMPLATE_VERSION,
+                "policy_version": gen.policy_version,
+            },
+        )
+
+    def _request_body(self, prompt: str, response_a: str, response_b: str) -> bytes:
+        payload = {
+            "model": self.cfg.model,
+            "messages": build_pairwise_messages(prompt, response_a, response_b),
+            "temperature": self.cfg.temperature,
+            "max_tokens": self.cfg.max_tokens,
+        }
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+    async def _ask(
+        self,
+        slots: asyncio.Queue[httpx.AsyncClient],
+        meter: CostMeter,
+        ticket: _Ticket,
+        key: str,
+        prompt: str,
+        response_a: str,
+        response_b: str,
+    ) -> Verdict | None | str:
+        """One ordered call with retries: a verdict (None if unparseable), `_ERROR` or `_BUDGET`."""
+        cfg = self.cfg
+        body: bytes | None = None
+        for attempt in range(cfg.max_retries + 1):
+            wait: float | None = None
+            client = await slots.get()  # a free concurrency slot
+            try:
+                # Budget is checked only now, when the request would start (see online.cost).
+                if not (ticket.claim(meter) if attempt == 0 else meter.reserve(1)):
+                    return _BUDGET
+                meter.record_request(retry=attempt > 0)
+                if body is None:  # built once a slot is free, so the first requests go out at once
+                    body = self._request_body(prompt, response_a, response_b)
+                try:
+                    resp = await client.post(self._url, content=body)
+                except httpx.TransportError as exc:  # timeouts, refused/dropped connections
+                    reason = f"{type(exc).__name__}"
+                else:
+                    status = resp.status_code
+                    if status == 200:
+                        try:
+                            data = resp.json()
+                            text = data["choices"][0]["message"]["content"]
+                        except (ValueError, KeyError, IndexError, TypeError):
+                            reason = "malformed 200 response body"
+                        else:
+                            usage = data.get("usage")
+                            meter.record_usage(usage if isinstance(usage, dict) else None)
+                            verdict = parse_verdict(text) if isinstance(text, str) else None
+                            if verdict is not None:
+                                self.cache.put(key, verdict)
+                            return verdict
+                    elif status in (401, 403, 404):
+                        raise JudgeAPIError(
+                            f"judge API {self._url} answered HTTP {status} for model {cfg.model!r}: "
+                            f"check base_url, model and the key in ${cfg.api_key_env}"
+                        )
+                    elif status == 429 or status >= 500:
+                        reason = f"HTTP {status}"
+                        wait = retry_after_s(resp.headers.get("retry-after"))
+                    else:
+                        log.warning("judge request rejected with HTTP %d; dropping this pair", status)
+                        return _ERROR
+            finally:
+                slots.put_nowait(client)  # free the slot before any backoff sleep
+            if attempt == cfg.max_retries:
+                break
+            if wait is None:
+                wait = backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s, self._rng)
+            elif wait > MAX_RETRY_AFTER_S:
+                log.warning("judge API asked to wait %.0fs (> %.0fs); giving up", wait, MAX_RETRY_AFTER_S)
+                break
+            else:
+                wait *= self._rng.uniform(1.0, 1.1)  # never early; spread out a herd of 429s
+            log.debug("judge request failed (%s); retry %d/%d in %.2fs", reason, attempt + 1, cfg.max_retries, wait)
+            await asyncio.sleep(wait)
+        log.warning("judge request failed for good (%s) after %d attempts", reason, attempt + 1)
+        return _ERROR
+
+
+async def _done(value: Any) -> Any:
+    return value
+
+
+async def _gather_or_cancel(coros: Sequence[Coroutine[Any, Any, Any]]) -> list[Any]:
+    """gather() that cancels the other tasks when one raises, so none outlives the HTTP client."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
+# ---------------------------------------------------------------------------------------------
+# Local judges: score each response, pair the best with the worst
+
+
+def _best_vs_worst(
+    gen: Generation,
+    scores: dict[int, float],
+    min_margin: float,
+    judge: str,
+    confidence: Callable[[float], float],
+    meter: CostMeter,
+) -> Judgment | None:
+    """Best vs worst of the scored (distinct) responses, or None (tie / fewer than two)."""
+    if len(scores) < 2:
+        return None
+    best = max(scores, key=lambda i: scores[i])  # first index wins a tie in score
+    worst = min(scores, key=lambda i: scores[i])
+    margin = scores[best] - scores[worst]
+    if margin <= 0 or margin < min_margin:
+        meter.ties += 1
+        return None
+    meter.judgments += 1
+    return Judgment(
+        prompt=gen.prompt,
+        category=gen.category,
+        chosen=gen.responses[best],
+        rejected=gen.responses[worst],
+        judge=judge,
+        confidence=confidence(margin),
+        details={
+            "scores": [scores.get(i) for i in range(len(gen.responses))],
+            "margin": margin,
+            "policy_version": gen.policy_version,
+        },
+    )
+
+
+def load_callable(spec: str) -> Callable[..., Any]:
+    """Import `package.module:function`."""
+    module_name, _, attr = spec.partition(":")
+    fn = getattr(importlib.import_module(module_name), attr, None)
+    if not callable(fn):
+        raise ValueError(f"{spec!r}: module {module_name!r} has no callable {attr!r}")
+    return fn
+
+
+class RuleJudge:
+    """Scores responses with a python function; confidence = margin clipped to [0, 1]."""
+
+    def __init__(self, cfg: RuleJudgeConfig) -> None:
+        self.cfg = cfg
+        self.name = f"rule:{cfg.function}"
+        self._fn = load_callable(cfg.function)
+
+    def judge_generations(self, generations: list[Generation]) -> tuple[list[Judgment], JudgeStats]:
+        meter = CostMeter()
+        judgments = []
+        for gen in generations:
+            scores = {i: self._score(gen.prompt, gen.responses[i], i) for i in distinct_indices(gen.responses)}
+            j = _best_vs_worst(gen, scores, self.cfg.min_margin, self.name, _clip01, meter)
+            if j is not None:
+                judgments.append(j)
+        return judgments, meter.snapshot()
+
+    def _score(self, prompt: str, response: str, index: int) -> float:
+        value = float(self._fn(prompt, response))
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{self.cfg.function} returned {value} for response {index} of prompt {prompt[:60]!r}"
+            )
+        return value
+
+
+def _clip01(x: float) -> float:
+    return min(1.0, max(0.0, x))
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
+
+
+class RewardModelJudge:
+    """Scores prompt+response with a one-label sequence classifier; confidence = sigmoid(margin)."""
+
+    def __init__(self, cfg: RewardModelJudgeConfig) -> None:
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.cfg = cfg
+        self.name = f"reward_model:{Path(cfg.path).name}"
+        device = cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(cfg.path).to(self.device).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(
+                f"reward model at {cfg.path} has {self.model.config.num_labels} labels; "
+                "it must have 1 (a scalar score)"
+            )
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if self.tokenizer.pad_token is None:
+            raise ValueError(f"tokenizer at {cfg.path} has no pad, eos or unk token to pad batches with")
+        # The classifier reads the last non-pad token; it finds it via config.pad_token_id.
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left"  # keep the end of the response, which the score reads
+        self.max_length = getattr(self.model.config, "max_position_embeddings", None)
+
+    def score(self, texts: Sequence[str]) -> list[float]:
+        """One scalar reward per text, in batches of `batch_size`."""
+        import torch
+
+        rewards: list[float] = []
+        for start in range(0, len(texts), self.cfg.batch_size):
+            batch = self.tokenizer(
+                list(texts[start : start + self.cfg.batch_size]),
+                padding=True,
+                truncation=self.max_length is not None,
+                max_length=self.max_length,
+                return_tensors="pt",
+            ).to(self.device)  # input_ids, attention_mask: (B, T)
+            with torch.inference_mode():
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            rewards.extend(logits[:, 0].float().cpu().tolist())  # (B, 1) -> B floats
+        return rewards
+
+    def judge_generations(self, generations: list[Generation]) -> tuple[list[Judgment], JudgeStats]:
+        meter = CostMeter()
+        index = [(g, i) for g, gen in enumerate(generations) for i in distinct_indices(gen.responses)]
+        flat = self.score([generations[g].prompt + generations[g].responses[i] for g, i in index])
+        scores: list[dict[int, float]] = [{} for _ in generations]
+        for (g, i), s in zip(index, flat):
+            scores[g][i] = s
+        judgments = []
+        for gen, sc in zip(generations, scores):
+            j = _best_vs_worst(gen, sc, self.cfg.min_margin, self.name, _sigmoid, meter)
+            if j is not None:
+                judgments.append(j)
+        return judgments, meter.snapshot()

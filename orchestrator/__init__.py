@@ -1,0 +1,1 @@
+"""Prefect flows, the config tree and the `tether` CLI: the only package that imports `prefect`."""

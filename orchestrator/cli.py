@@ -1,0 +1,287 @@
+"""`tether`: one command per user job; each parses arguments and calls one function.
+
+Prefect's settings are applied (`configure_prefect`) before anything imports `prefect`, so
+runs made with no server land in the same PREFECT_HOME that `tether ui` serves.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator.runtime import configure_prefect, state_dir_from_env
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
+data_app = typer.Typer(no_args_is_help=True, help="Inspect preference datasets.")
+buffer_app = typer.Typer(no_args_is_help=True, help="Inspect and snapshot the replay buffer.")
+app.add_typer(data_app, name="data")
+app.add_typer(buffer_app, name="buffer")
+console = Console()
+
+DEMO_CONFIG = Path("configs/demo.yaml")
+ConfigOpt = typer.Option(DEMO_CONFIG, "--config", "-c", help="YAML config file.")
+SetOpt = typer.Option(None, "--set", help="Override a setting: section.field=value (repeatable).")
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, Any]:
+    """`["train.loss.beta=0.2"]` -> `{"train": {"loss": {"beta": "0.2"}}}` (pydantic coerces)."""
+    out: dict[str, Any] = {}
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set expects section.field=value, got {item!r}")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _load(config: Path, sets: list[str] | None):
+    from orchestrator.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, parse_sets(sets))
+    except ConfigError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    configure_prefect(cfg.state_dir)
+    return cfg
+
+
+def print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    """A two-column rich table of metrics."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+@app.command()
+def offline(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Run the offline baseline flow: data -> DPO -> evaluated, promoted checkpoint."""
+    cfg = _load(config, set_)
+    from orchestrator.flows import offline_baseline
+
+    out = offline_baseline(config_path=str(config), overrides=parse_sets(set_))
+    print_metrics("offline baseline", out["metrics"])
+    console.print(f"checkpoint: [bold]{out['checkpoint']['path']}[/bold]")
+
+
+@data_app.command("inspect")
+def data_inspect(
+    path: Path = typer.Argument(..., help="JSONL (.gz) or Parquet preference file."),
+    config: Path = ConfigOpt,
+    skip_bad: bool = typer.Option(False, help="Skip bad records and count them instead of stopping."),
+) -> None:
+    """Validate a dataset and print its coverage report (tokenised with the config's model)."""
+    from offline.data import DataError
+
+    cfg = _load(config, None)
+    from offline.coverage import coverage_report
+    from offline.data import load_preference_dataset
+    from offline.data import DataConfig
+    from offline.models import load_tokenizer, resolve_model_dir
+
+    data_cfg = DataConfig(**{**cfg.data.model_dump(), "path": str(path), "on_bad_record": "skip" if skip_bad else "error"})
+    tokenizer = load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir))
+    try:
+        dataset = load_preference_dataset(data_cfg, tokenizer=tokenizer)
+    except DataError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    report = coverage_report(dataset, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
+    from rich.markdown import Markdown
+
+    console.print(Markdown(report.to_markdown()))
+
+
+@app.command()
+def ui(
+    port: int = typer.Option(4200, help="Port for the Prefect server on 127.0.0.1."),
+    state_dir: Path = typer.Option(None, help="State dir whose PREFECT_HOME to serve (default ./.tether)."),
+) -> None:
+    """Start the Prefect server (UI + API) on 127.0.0.1 over tether's PREFECT_HOME."""
+    home = configure_prefect(state_dir or state_dir_from_env())
+    url = f"http://127.0.0.1:{port}"
+    console.print(f"Prefect UI: [bold]{url}[/bold]  (PREFECT_HOME={home}); Ctrl-C to stop.")
+    console.print(f"Point other shells at it with: export PREFECT_API_URL={url}/api")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
+
+
+def print_stages(rows: list[dict[str, Any]]) -> None:
+    """The per-stage table of `tether demo` / `tether report`."""
+    table = Table(title="reward per stage (held-out prompts) and KL vs budget")
+    cols = ["stage", "reward/covered", "reward/heldout", "kl/policy_ref", "kl_budget", "promoted"]
+    for c in cols:
+        table.add_column(c, justify="left" if c in ("stage", "promoted") else "right")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+    console.print(table)
+
+
+@app.command()
+def demo(
+    config: Path = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    cycles: Optional[int] = typer.Option(None, help="Refresh cycles after the baseline (default: online.cycles)."),
+) -> None:
+    """The main job: offline baseline, then online refresh cycles, each stage scored the same way."""
+    _load(config, set_)
+    from orchestrator.flows import hybrid_demo
+
+    out = hybrid_demo(config_path=str(config), overrides=parse_sets(set_), cycles=cycles)
+    print_stages(out["stages"])
+    console.print(f"covered categories (in the static dataset): {', '.join(out['covered'])}")
+    console.print("See every run, task run, log and artifact with [bold]tether ui[/bold].")
+
+
+@app.command()
+def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
+    """Run one online refresh cycle from the current policy (skips if another one is running)."""
+    _load(config, set_)
+    from orchestrator.flows import refresh_cycle
+
+    out = refresh_cycle(config_path=str(config), overrides=parse_sets(set_))
+    if out.get("skipped"):
+        console.print(f"[yellow]skipped:[/yellow] {out['reason']}")
+        return
+    verdict = "[green]promoted[/green]" if out["promoted"] else "[red]not promoted (rolled back)[/red]"
+    console.print(f"cycle {out['index']}: {verdict}: " + "; ".join(out["reasons"]))
+    print_metrics(f"cycle {out['index']}", {
+        **{f"reward_before/{k}": v for k, v in out["before"].items()},
+        **{f"reward_after/{k}": v for k, v in out["after"].items()},
+        **out["kl"], "kl_budget": out["kl_budget"], **out["judge"], **out["mix"],
+    })
+
+
+@app.command("eval")
+def eval_(
+    config: Path = ConfigOpt,
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint dir (default: the current policy)."),
+    set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Reward per category (covered vs held-out) and KL to the reference, of one checkpoint."""
+    cfg = _load(config, set_)
+    from offline.pointer import read_current
+    from orchestrator.flows import cycle_inputs
+    from online.cycle import evaluate_checkpoint
+
+    if checkpoint is None:
+        current = read_current(cfg.state_dir, cfg.name)
+        if current is None:
+            console.print("[red]error:[/red] no current policy yet: run `tether offline` first, or pass --checkpoint")
+            raise typer.Exit(2)
+        checkpoint = Path(current["checkpoint"]["path"])
+    inputs = cycle_inputs(cfg)
+    out = evaluate_checkpoint(inputs, checkpoint, cfg.seed)
+    covered = _covered_categories(cfg)
+    rows = [{"category": c, "split": "covered" if c in covered else "held-out", "reward": v}
+            for c, v in out["reward"].items() if c != "mean"]
+    table = Table(title=f"evaluation of {checkpoint}")
+    for c in ("category", "split", "reward"):
+        table.add_column(c)
+    for r in rows:
+        table.add_row(r["category"], r["split"], f"{r['reward']:.3f}")
+    console.print(table)
+    print_metrics("KL to the reference", {**out["kl"], "kl_budget": inputs.online.controller.kl_budget})
+
+
+def _covered_categories(cfg) -> set[str]:
+    from offline.data import load_preference_dataset
+    from offline.models import load_tokenizer, resolve_model_dir
+    from offline.pipeline import resolve_data
+
+    ds = load_preference_dataset(resolve_data(cfg.data, cfg.state_dir), tokenizer=load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir)))
+    return {p.category for p in ds.train if p.category}
+
+
+@app.command()
+def schedule(
+    config: Path = ConfigOpt,
+    every: Optional[str] = typer.Option(None, help="Interval, e.g. 30m, 6h, 1d."),
+    cron: Optional[str] = typer.Option(None, help='Cron string, e.g. "0 */6 * * *".'),
+    list_: bool = typer.Option(False, "--list", help="List tether's deployments and their schedules."),
+    pause: bool = typer.Option(False, help="Pause the schedule of this config's deployment."),
+    resume: bool = typer.Option(False, help="Resume the schedule of this config's deployment."),
+    no_serve: bool = typer.Option(False, "--no-serve", help="Create/update the deployment, then exit."),
+) -> None:
+    """Schedule periodic refresh cycles: a Prefect deployment of the cycle flow, served here."""
+    cfg = _load(config, None)
+    from orchestrator import schedule as sched
+
+    try:
+        sched.require_server()
+        if list_:
+            for row in sched.list_deployments():
+                console.print(row)
+            return
+        if pause or resume:
+            console.print(sched.set_paused(cfg.name, paused=pause))
+            return
+        dep = sched.build_deployment(config, cfg.name, every=every, cron=cron)
+        dep_id = sched.apply(dep)
+        console.print(f"deployment [bold]{sched.deployment_name(cfg.name)}[/bold] ({dep_id}) created/updated")
+        if not no_serve:
+            console.print("serving it: scheduled runs execute here until Ctrl-C")
+            sched.serve(dep)
+    except sched.ScheduleError as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@buffer_app.command("stats")
+def buffer_stats(config: Path = ConfigOpt) -> None:
+    """Counts per pool, cycle and category, ages and memory of the replay buffer."""
+    cfg = _load(config, None)
+    from buffer.records import format_stats_table
+    from buffer.store import open_buffer
+
+    with open_buffer(cfg.buffer, cfg.state_dir) as buf:
+        console.print(format_stats_table(buf.stats()))
+
+
+@buffer_app.command("export")
+def buffer_export(path: Path, config: Path = ConfigOpt) -> None:
+    """Snapshot every pair (with provenance and cached log-probs) to JSONL or Parquet."""
+    cfg = _load(config, None)
+    from buffer.export import export_buffer
+    from buffer.store import open_buffer
+
+    with open_buffer(cfg.buffer, cfg.state_dir) as buf:
+        n = export_buffer(buf, path)
+    console.print(f"wrote {n} pairs to {path}")
+
+
+@buffer_app.command("import")
+def buffer_import(path: Path, config: Path = ConfigOpt) -> None:
+    """Restore a snapshot written by `tether buffer export` (idempotent)."""
+    cfg = _load(config, None)
+    from buffer.export import import_buffer
+    from buffer.store import open_buffer
+
+    with open_buffer(cfg.buffer, cfg.state_dir) as buf:
+        seeded, added = import_buffer(buf, path)
+    console.print(f"anchor: {seeded}; fresh: {added}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    app()
+
+
+if __name__ == "__main__":
+    main()

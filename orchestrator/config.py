@@ -1,0 +1,137 @@
+"""The one config tree: every section lives beside its code; this module assembles them.
+
+A job's config comes from one YAML file, then environment overrides on top
+(`TETHER_<SECTION>__<FIELD>`, e.g. `TETHER_TRAIN__LOSS__BETA=0.2`), validated once at
+start-up so a typo or a bad value fails before any model is loaded. The resolved config is
+written into every checkpoint's lineage and every flow run's artifacts (`redacted_dump`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from buffer.config import BufferConfig
+from offline.data import DataConfig
+from offline.models import ModelConfig
+from offline.train import TrainConfig
+from online.cycle import OnlineConfig
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message says where."""
+
+
+class TetherConfig(BaseSettings):
+    """Everything a tether job needs, resolved from YAML + `TETHER_*` environment overrides."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TETHER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    name: str = Field(default="tether", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Run family name: prefixes checkpoint names and Prefect flow-run names."""
+    state_dir: Path = Path(".tether")
+    """Project-local state: checkpoints, caches, the embedded Redis data, PREFECT_HOME."""
+    seed: int = Field(default=0, ge=0)
+    """Global seed (data order, sampling); sections may carry their own on top."""
+    model: ModelConfig
+    """The policy to train (and, frozen, the reference)."""
+    data: DataConfig
+    """The static preference dataset (the offline anchor)."""
+    train: TrainConfig
+    """The training loop, shared by the offline phase and every online cycle."""
+    buffer: BufferConfig = BufferConfig()
+    """The Redis replay buffer (online cycles)."""
+    online: OnlineConfig | None = None
+    """Online refresh cycles; absent means offline-only."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
+    ):
+        # Environment beats the YAML file (passed as init kwargs); nested values deep-merge.
+        return (env_settings, init_settings)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        """Where checkpoints of this run family live."""
+        return self.state_dir / "checkpoints" / self.name
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TetherConfig:
+    """Read a YAML config, apply `overrides` (nested dict) and env overrides, validate.
+
+    Relative `state_dir` and `data.path` values are kept as written: they resolve against the
+    working directory, like every other path the user types.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"{p}: config file not found")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+        if loaded is None:
+            raise ConfigError(f"{p}: the file is empty")
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: expected a mapping at the top level, got {type(loaded).__name__}")
+        raw = loaded
+    if overrides:
+        raw = _deep_merge(raw, overrides)
+    try:
+        return TetherConfig(**raw)
+    except ValidationError as exc:
+        where = str(path) if path is not None else "config"
+        lines = [f"{where}: {exc.error_count()} invalid setting(s):"]
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+            lines.append(f"  {loc}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<pw>[^@/]+)@", re.I)
+_SECRET_KEY = re.compile(r"(password|secret|token|api_key)$", re.I)
+
+
+def redact(value: Any) -> Any:
+    """Strip secrets from a config-like structure: URL passwords and secret-named fields.
+
+    Secrets are meant to come only from the environment (config fields hold env var *names*),
+    so this is a second line of defence for a URL typed with its password inline.
+    """
+    if isinstance(value, dict):
+        return {
+            k: ("***" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    return value
+
+
+def redacted_dump(cfg: TetherConfig) -> dict[str, Any]:
+    """The resolved config as JSON-ready data, secrets removed: what lineage and artifacts store."""
+    return redact(cfg.model_dump(mode="json"))

@@ -1,0 +1,336 @@
+"""Prefect flows: each reads like the pipeline sentence, each step a task over a plain function.
+
+`offline_baseline`: load + validate -> coverage report -> reference log-probs -> train ->
+evaluate -> checkpoint (-> promote as the current policy). Every step is a function in
+`offline.pipeline`; the tasks here only add names, logs and artifacts so the run is legible in
+the Prefect UI. Tasks take live models, so result caching is off (`NO_CACHE`): hashing a model
+would cost more than the step.
+
+Call `orchestrator.runtime.configure_prefect()` before importing this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from offline import pipeline
+from offline.pointer import promote
+from orchestrator.artifacts import config_markdown, markdown_table, metrics_rows, sparkline
+from orchestrator.config import TetherConfig, load_config, redacted_dump
+
+
+def _task(name: str, **kw: Any):
+    return task(name=name, cache_policy=NO_CACHE, **kw)
+
+
+load_policy_task = _task("load-policy")(pipeline.load_initial_policy)
+load_data_task = _task("load-and-validate")(pipeline.load_and_validate)
+coverage_task = _task("coverage-report")(pipeline.build_coverage)
+tokenize_task = _task("tokenize")(pipeline.tokenize_dataset)
+reference_task = _task("reference-logps")(pipeline.ensure_reference_logps)
+train_task = _task("train")(pipeline.train_policy)
+evaluate_task = _task("evaluate")(pipeline.evaluate_policy)
+save_task = _task("save-checkpoint")(pipeline.save_policy)
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """Short hash of a resolved config: names the resume state of an interrupted run."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def eval_metrics(prefix: str, ev: pipeline.Evaluation) -> dict[str, float]:
+    """Flatten an Evaluation into namespaced metrics (`<prefix>/accuracy`, per category, ...)."""
+    out = {
+        f"{prefix}/accuracy": ev.implicit.accuracy,
+        f"{prefix}/mean_margin": ev.implicit.mean_margin,
+        f"{prefix}/likelihood_accuracy": ev.likelihood.accuracy,
+    }
+    for cat, c in sorted(ev.implicit.per_category.items()):
+        out[f"{prefix}/accuracy/{cat}"] = c.accuracy
+    for cat, c in sorted(ev.likelihood.per_category.items()):
+        out[f"{prefix}/likelihood_accuracy/{cat}"] = c.accuracy
+    return out
+
+
+def run_offline(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
+    """The offline baseline body, shared by the flow (`offline_baseline`) and `tether demo`."""
+    logger = get_run_logger()
+    resolved = redacted_dump(cfg)
+    state = cfg.state_dir
+
+    data_cfg = pipeline.resolve_data(cfg.data, state)
+    policy = load_policy_task(cfg.model, state)
+    dataset = load_data_task(data_cfg, policy.tokenizer)
+    coverage = coverage_task(dataset, policy.tokenizer, data_cfg)
+    create_markdown_artifact(
+        coverage.to_markdown(), key="coverage-report",
+        description=f"Coverage of {dataset.source} ({dataset.fingerprint[:12]})",
+    )
+    toks = tokenize_task(dataset, policy.tokenizer, data_cfg)
+
+    cache_dir = state / "cache" / "reference-logps"
+    ref = reference_task(policy, toks.train + toks.heldout, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress)
+    before = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
+
+    resume_dir = state / "resume" / f"offline-{dataset.fingerprint[:8]}-{config_key(resolved)}"
+    result = train_task(policy, toks.train, ref, cfg.train, resume_dir, None, progress)
+    after = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
+
+    metrics: dict[str, Any] = {
+        "train/steps": result.steps,
+        "train/tokens_per_s": result.tokens / max(result.seconds, 1e-9),
+        **{f"train/{k}": v for k, v in result.final_metrics.items() if isinstance(v, int | float)},
+        **eval_metrics("eval_initial", before),
+        **eval_metrics("eval", after),
+    }
+    name = f"offline-{time.strftime('%Y%m%d-%H%M%S')}-{dataset.fingerprint[:8]}"
+    parent = None
+    ckpt = save_task(
+        policy, cfg.checkpoints_dir, name, kind="offline", fingerprint=dataset.fingerprint,
+        config=resolved, parent=parent, seed=cfg.train.seed, result=result, metrics=metrics,
+    )
+    promote(state, cfg.name, ckpt, kind="offline", promoted_at=time.time())
+    shutil.rmtree(resume_dir, ignore_errors=True)
+    logger.info("checkpoint %s written and promoted as current policy of %r", ckpt.path, cfg.name)
+
+    losses = [h["loss"] for h in result.history if "loss" in h]
+    create_markdown_artifact(
+        "\n\n".join([
+            f"# Offline baseline `{cfg.name}`",
+            f"Checkpoint: `{ckpt.path}` (id `{ckpt.id}`), dataset fingerprint `{dataset.fingerprint}`.",
+            f"Loss curve ({len(losses)} steps): `{sparkline(losses)}`",
+            "## Held-out evaluation: initial vs trained",
+            markdown_table(_before_after_rows(before, after)),
+            "## Final metrics",
+            markdown_table(metrics_rows(metrics)),
+            "## Resolved config",
+            config_markdown(resolved),
+        ]),
+        key="offline-metrics",
+        description="Offline baseline: held-out evaluation and final metrics",
+    )
+    create_table_artifact(metrics_rows(metrics), key="offline-metrics-table", description="Final metrics")
+    return {
+        "checkpoint": ckpt.model_dump(mode="json"),
+        "fingerprint": dataset.fingerprint,
+        "metrics": metrics,
+        "coverage": coverage.model_dump(mode="json"),
+        "before": before,
+        "after": after,
+    }
+
+
+def _before_after_rows(before: pipeline.Evaluation, after: pipeline.Evaluation) -> list[dict[str, Any]]:
+    rows = [{
+        "category": "(all)", "n": after.implicit.n,
+        "likelihood acc. initial": before.likelihood.accuracy,
+        "likelihood acc. trained": after.likelihood.accuracy,
+        "implicit-reward acc. trained": after.implicit.accuracy,
+        "mean margin trained": after.implicit.mean_margin,
+    }]
+    for cat in sorted(after.implicit.per_category):
+        rows.append({
+            "category": cat, "n": after.implicit.per_category[cat].n,
+            "likelihood acc. initial": before.likelihood.per_category[cat].accuracy,
+            "likelihood acc. trained": after.likelihood.per_category[cat].accuracy,
+            "implicit-reward acc. trained": after.implicit.per_category[cat].accuracy,
+            "mean margin trained": after.implicit.per_category[cat].mean_margin,
+        })
+    return rows
+
+
+@flow(name="offline-baseline", flow_run_name="offline-{run_label}")
+def offline_baseline(
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    run_label: str = "baseline",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the offline-only baseline from a static preference dataset and promote it."""
+    cfg = load_config(config_path, overrides)
+    out = run_offline(cfg, progress=progress)
+    return {k: v for k, v in out.items() if k not in ("before", "after")}
+
+
+# -- online refresh cycles ------------------------------------------------------------------------
+
+
+def as_task(name: str, fn):
+    """The `step` hook of `online.cycle.run_cycle` inside a flow: each step a named task run."""
+    return task(name=name, cache_policy=NO_CACHE)(fn)
+
+
+def cycle_inputs(cfg: TetherConfig) -> "CycleInputs":
+    """The sections a cycle reads, from the config tree (fails clearly without `online`)."""
+    from online.cycle import CycleInputs
+
+    if cfg.online is None:
+        raise ValueError("this config has no `online` section: add one to run refresh cycles (see configs/demo.yaml)")
+    return CycleInputs(
+        model=cfg.model, data=pipeline.resolve_data(cfg.data, cfg.state_dir), train=cfg.train, online=cfg.online,
+        state_dir=cfg.state_dir, name=cfg.name, seed=cfg.seed, config_dump=redacted_dump(cfg),
+    )
+
+
+def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
+    """KL and reward across cycles: a table and one-line charts (rendered in the Prefect UI)."""
+    rows = [{
+        "cycle": h["index"],
+        "promoted": "yes" if h["promoted"] else "no (rolled back)",
+        "kl/sequence": h["kl"].get("kl/policy_ref", float("nan")),
+        "kl budget": h["kl_budget"],
+        "reward before": h["before"]["mean"],
+        "reward after": h["after"]["mean"],
+        "anchor_fraction next": h["next_anchor_fraction"],
+        "judge/cost_usd": h["judge"].get("judge/cost_usd", 0.0),
+    } for h in history]
+    kls = [r["kl/sequence"] for r in rows]
+    rewards = [r["reward after"] for r in rows]
+    return "\n\n".join([
+        "# KL and reward history",
+        f"KL budget: {budget:g} nats/sequence.",
+        f"KL per cycle:     `{sparkline(kls)}`  (last {kls[-1]:.4f})" if kls else "",
+        f"Reward per cycle: `{sparkline(rewards)}`  (last {rewards[-1]:.4f})" if rewards else "",
+        markdown_table(rows),
+    ])
+
+
+def cycle_markdown(report: "CycleReport") -> str:
+    """One cycle's metrics and decision, as markdown."""
+    cats = sorted(k for k in report.after if k != "mean")
+    rows = [{"category": c, "reward before": report.before.get(c, float("nan")),
+             "reward after": report.after[c], "delta": report.after[c] - report.before.get(c, float("nan"))}
+            for c in ["mean", *cats]]
+    verdict = "promoted" if report.promoted else "NOT promoted (kept for inspection; the previous policy stays current)"
+    return "\n\n".join([
+        f"# Refresh cycle {report.index}: {verdict}",
+        "Gate: " + "; ".join(report.reasons),
+        f"KL(pi||pi_0): {report.kl.get('kl/policy_ref', float('nan')):.4f} nats/sequence "
+        f"({report.kl.get('kl/policy_ref_per_token', float('nan')):.4f} per token), budget {report.kl_budget:g}.",
+        f"Controller: {report.controller_reason}",
+        "## Reward per category (held-out prompts)",
+        markdown_table(rows),
+        "## Judge, mix, training",
+        markdown_table(metrics_rows({**report.judge, **report.mix, **report.train})),
+        "## Seconds per stage",
+        markdown_table(metrics_rows(report.seconds)),
+        f"Checkpoint: `{(report.checkpoint or {}).get('path')}`; parent `{report.parent.get('path')}`.",
+    ])
+
+
+def run_refresh(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
+    """One refresh cycle under the cycle lock (skips, and says so, when another one holds it)."""
+    from buffer.lock import LockHeld
+    from buffer.store import open_buffer
+    from online.cycle import run_cycle
+
+    logger = get_run_logger()
+    inputs = cycle_inputs(cfg)
+    online = inputs.online
+    with open_buffer(cfg.buffer, cfg.state_dir) as buf:
+        try:
+            with buf.lock(
+                f"cycle:{cfg.name}", ttl_s=online.lock_ttl_s, blocking=online.on_busy == "wait",
+                timeout_s=online.wait_timeout_s, heartbeat_s=max(1.0, online.lock_ttl_s / 3),
+            ):
+                report = run_cycle(inputs, buf, step=as_task, progress=progress)
+        except LockHeld as exc:
+            logger.warning("skipping this cycle: another refresh cycle is running (%s)", exc)
+            create_markdown_artifact(f"# Cycle skipped\n\n{exc}", key="refresh-cycle-skipped")
+            return {"skipped": True, "reason": str(exc)}
+        history = (buf.get_pointer(f"cycle-state:{cfg.name}") or {}).get("history", [])
+    logger.info(
+        "cycle %d: %s; KL %.4f (budget %g); reward %.4f -> %.4f",
+        report.index, "promoted" if report.promoted else "rolled back",
+        report.kl.get("kl/policy_ref", float("nan")), report.kl_budget, report.before["mean"], report.after["mean"],
+    )
+    create_markdown_artifact(cycle_markdown(report), key="refresh-cycle-metrics", description=f"Cycle {report.index}")
+    create_table_artifact(
+        metrics_rows({"promoted": report.promoted, **report.kl, **report.judge, **report.mix}),
+        key="refresh-cycle-table", description=f"Cycle {report.index} metrics",
+    )
+    create_markdown_artifact(history_markdown(history, report.kl_budget), key="kl-history", description="KL and reward across cycles")
+    return {"skipped": False, **report.model_dump(mode="json")}
+
+
+@flow(name="refresh-cycle", flow_run_name="cycle-{run_label}")
+def refresh_cycle(
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    run_label: str = "manual",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Refresh the current policy online: generate, judge, buffer, train under the KL budget, gate."""
+    return run_refresh(load_config(config_path, overrides), progress=progress)
+
+
+# -- the embedded demo / efficacy report: initial -> offline -> N cycles -------------------------
+
+
+def stage_row(stage: str, reward: dict[str, float], kl: dict[str, float], budget: float,
+              covered: set[str], promoted: str) -> dict[str, Any]:
+    """One row of the stages table: reward on covered vs held-out categories, KL vs budget."""
+    cats = [c for c in reward if c != "mean"]
+    cov = [reward[c] for c in cats if c in covered]
+    held = [reward[c] for c in cats if c not in covered]
+    return {
+        "stage": stage,
+        "reward/covered": sum(cov) / len(cov) if cov else float("nan"),
+        "reward/heldout": sum(held) / len(held) if held else float("nan"),
+        "reward/mean": reward.get("mean", float("nan")),
+        "kl/policy_ref": kl.get("kl/policy_ref", float("nan")),
+        "kl_budget": budget,
+        "promoted": promoted,
+        **{f"reward/{c}": reward[c] for c in sorted(cats)},
+    }
+
+
+@flow(name="hybrid-demo", flow_run_name="demo-{run_label}")
+def hybrid_demo(
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    run_label: str = "demo",
+    cycles: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Initial policy -> offline baseline -> N online refresh cycles, scored the same way at each stage."""
+    from online.cycle import evaluate_checkpoint
+
+    cfg = load_config(config_path, overrides)
+    inputs = cycle_inputs(cfg)
+    budget = inputs.online.controller.kl_budget
+    initial_dir = pipeline.load_initial_policy(cfg.model, cfg.state_dir).model_dir
+    score = _task("score-stage")(evaluate_checkpoint)
+    initial = score(inputs, initial_dir, cfg.seed)
+    off = offline_baseline(config_path, overrides, run_label=run_label, progress=progress)
+    offline_eval = score(inputs, off["checkpoint"]["path"], cfg.seed)
+    covered = {c["category"] for c in off["coverage"]["categories"] if c["train"] > 0}
+    rows = [
+        stage_row("initial", initial["reward"], initial["kl"], budget, covered, "-"),
+        stage_row("offline", offline_eval["reward"], offline_eval["kl"], budget, covered, "yes"),
+    ]
+    reports = []
+    for i in range(cycles if cycles is not None else inputs.online.cycles):
+        rep = refresh_cycle(config_path, overrides, run_label=f"{run_label}-{i + 1}", progress=progress)
+        reports.append(rep)
+        if rep.get("skipped"):
+            continue
+        rows.append(stage_row(
+            f"cycle {rep['index']}", rep["after"], rep["kl"], budget, covered,
+            "yes" if rep["promoted"] else "no (rolled back)",
+        ))
+    create_markdown_artifact(
+        "# Hybrid demo: reward per stage\n\nCovered categories (in the static dataset): "
+        + ", ".join(sorted(covered)) + ".\n\n" + markdown_table(rows),
+        key="demo-stages", description="Initial vs offline vs online cycles",
+    )
+    return {"stages": rows, "cycles": reports, "offline": off, "covered": sorted(covered)}

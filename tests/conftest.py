@@ -1,0 +1,39 @@
+"""Shared fixtures and process settings: a real redis-server for the whole session, flushed before each test.
+
+`redis_server` starts one `buffer.server.LocalRedis` (127.0.0.1, free port, AOF on) in a tmp
+dir; `redis_url` empties it (FLUSHALL) and returns its URL. No other side effects on import.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+
+# Prefect reads its settings once, at import: point it at a throwaway home, no analytics, before
+# any test module imports prefect (or threads start API servers with other settings).
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tether-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
+# No test may reach a model hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest
+
+from buffer.server import LocalRedis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """One redis-server for the session (needs `apt-get install redis-server`)."""
+    with LocalRedis(tmp_path_factory.mktemp("redis"), appendfsync="everysec") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: LocalRedis) -> str:
+    """URL of the session's redis-server, emptied for this test."""
+    redis_server.command("FLUSHALL")
+    return redis_server.url

@@ -1,0 +1,269 @@
+"""A real OpenAI-compatible chat completions server on loopback, for the judge's tests and benchmark.
+
+`FakeOpenAIServer` runs a stdlib `ThreadingHTTPServer` (HTTP/1.1 keep-alive, one thread per
+connection) on 127.0.0.1 with an ephemeral port, in a background thread. It answers
+`POST /v1/chat/completions` like a judge model that reads our pairwise prompt
+(`online.judge_prompt`): the ground truth prefers the reply containing `marker` ("A" or "B";
+"tie" when both or neither contain it). Every answer carries `usage` (prompt_tokens = words in
+the messages, completion_tokens = 1).
+
+Scriptable behaviour, applied per request:
+- `mode`: "rule" (the ground truth), "always_a" (position bias: disagrees across orders),
+  "garbage" (an unparseable sentence);
+- `script(*faults)`: the next requests, in arrival order, get these faults;
+- `storm={fault: probability}`: with no scripted fault left, each request draws one (seeded);
+- faults: "400", "429" (with `Retry-After: retry_after`), "500", "timeout" (sleeps `timeout_sleep_s`
+  before answering), "drop" (closes the connection without a reply), "garbage",
+  "always_a", "malformed" (a 200 whose body is not JSON), "no_choices" (a 200 with
+  `"choices": []`);
+- `latency_s`: fixed delay before every answer;
+- `api_key`: when set, requests without `Authorization: Bearer <api_key>` get 401.
+
+Every request is logged (`requests`: arrival time, body key, fault, status, whether the
+Authorization header matched, the ground truth) for assertions. Run as a script
+(`python tests/fake_openai_server.py --latency-ms 50`) it prints `READY <base_url>` and serves
+until killed; the benchmark uses it that way so client and server do not share a GIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FAULTS = ("400", "429", "500", "timeout", "drop", "garbage", "always_a", "malformed", "no_choices")
+GARBAGE = "Both replies have their merits, and it is hard to say."
+_REPLY_A = re.compile(r"<reply_a>\n(.*?)\n</reply_a>", re.S)
+_REPLY_B = re.compile(r"<reply_b>\n(.*?)\n</reply_b>", re.S)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """One request as the server saw it."""
+
+    t: float  # time.monotonic() when the body had been read
+    key: str  # hash of the messages: the same logical call (e.g. its retries) has the same key
+    fault: str | None
+    status: int  # 0 when the connection was dropped
+    auth_ok: bool
+    truth: str | None  # "A" | "B" | "tie" by the marker rule; None when unreadable
+
+
+class FakeOpenAIServer:
+    """See module docstring. Use as a context manager or call `start()` / `stop()`."""
+
+    def __init__(
+        self,
+        *,
+        latency_s: float = 0.0,
+        api_key: str | None = None,
+        marker: str = "GOOD",
+        mode: str = "rule",
+        retry_after: str = "1",
+        timeout_sleep_s: float = 1.0,
+        storm: dict[str, float] | None = None,
+        seed: int = 0,
+        model: str = "fake-judge",
+    ) -> None:
+        assert mode in ("rule", "always_a", "garbage"), mode
+        assert all(f in FAULTS for f in (storm or {})), storm
+        self.latency_s = latency_s
+        self.api_key = api_key
+        self.marker = marker
+        self.mode = mode
+        self.retry_after = retry_after
+        self.timeout_sleep_s = timeout_sleep_s
+        self.storm = dict(storm or {})
+        self.model = model
+        self.requests: list[RequestRecord] = []
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self._queue: deque[str] = deque()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self) -> FakeOpenAIServer:
+        httpd = _Server(("127.0.0.1", 0), _Handler)
+        httpd.fake = self
+        self._httpd = httpd
+        self._thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> FakeOpenAIServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    # -- scripting and inspection ---------------------------------------------------------------
+
+    def script(self, *faults: str) -> None:
+        """Give the next `len(faults)` requests these faults, in arrival order."""
+        assert all(f in FAULTS for f in faults), faults
+        with self._lock:
+            self._queue.extend(faults)
+
+    @property
+    def n_requests(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def truth_for(self, response_a: str, response_b: str) -> str:
+        """The ground-truth verdict for a reply pair shown as (A, B)."""
+        a, b = self.marker in response_a, self.marker in response_b
+        return "A" if a and not b else "B" if b and not a else "tie"
+
+    # -- request handling (server threads) --------------------------------------------------
+
+    def _handle(self, h: _Handler, raw: bytes) -> None:
+        t = time.monotonic()
+        auth_ok = self.api_key is None or h.headers.get("Authorization") == f"Bearer {self.api_key}"
+        try:
+            body = json.loads(raw)
+            messages = body["messages"]
+            user = next(m["content"] for m in messages if m["role"] == "user")
+            key = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()[:16]
+            ma, mb = _REPLY_A.search(user), _REPLY_B.search(user)
+            truth = self.truth_for(ma.group(1), mb.group(1)) if ma and mb else None
+            n_words = sum(len(m["content"].split()) for m in messages)
+        except (ValueError, KeyError, TypeError, StopIteration):
+            self._log(RequestRecord(t, "", None, 400, auth_ok, None))
+            return h.reply(400, {"error": {"message": "bad request"}})
+        if not auth_ok:
+            self._log(RequestRecord(t, key, None, 401, auth_ok, truth))
+            return h.reply(401, {"error": {"message": "invalid api key"}})
+        with self._lock:
+            if self._queue:
+                fault: str | None = self._queue.popleft()
+            else:
+                fault = self._draw_storm()
+        if self.latency_s:
+            time.sleep(self.latency_s)
+        status = {"400": 400, "429": 429, "500": 500, "drop": 0}.get(fault or "", 200)
+        self._log(RequestRecord(t, key, fault, status, auth_ok, truth))
+        if fault == "429":
+            return h.reply(429, {"error": {"message": "rate limited"}}, {"Retry-After": self.retry_after})
+        if fault in ("400", "500"):
+            return h.reply(status, {"error": {"message": f"scripted {fault}"}})
+        if fault == "drop":
+            return h.drop()
+        if fault == "timeout":
+            time.sleep(self.timeout_sleep_s)
+        if fault == "malformed":
+            return h.reply_raw(200, b"<html>upstream hiccup</html>", "text/html")
+        if fault == "no_choices":
+            return h.reply(200, {"object": "chat.completion", "choices": []})
+        behaviour = fault if fault in ("garbage", "always_a") else self.mode
+        text = {"garbage": GARBAGE, "always_a": "A"}.get(behaviour, truth or "tie")
+        with self._lock:
+            self.prompt_tokens += n_words
+            self.completion_tokens += 1
+        h.reply(200, {
+            "id": f"chatcmpl-{key}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", self.model),
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": n_words, "completion_tokens": 1, "total_tokens": n_words + 1},
+        })
+
+    def _draw_storm(self) -> str | None:
+        x = self._rng.random()
+        for fault, p in self.storm.items():
+            if x < p:
+                return fault
+            x -= p
+        return None
+
+    def _log(self, rec: RequestRecord) -> None:
+        with self._lock:
+            self.requests.append(rec)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # do not wait for handlers sleeping through a "timeout" fault
+    request_queue_size = 256  # a burst of concurrent connects must not overflow the backlog
+    fake: FakeOpenAIServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as real APIs
+    # With Nagle on, a reply split over two writes waits for the client's delayed ACK
+    # (~40 ms on Linux), which would nearly double a 50 ms latency.
+    disable_nagle_algorithm = True
+    server: _Server
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        if self.path.rstrip("/") != "/v1/chat/completions":
+            return self.reply(404, {"error": {"message": f"no route {self.path}"}})
+        try:
+            self.server.fake._handle(self, raw)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client gave up (timeout): nothing to answer
+
+    def reply(self, status: int, obj: dict, headers: dict[str, str] | None = None) -> None:
+        self.reply_raw(status, json.dumps(obj).encode(), "application/json", headers)
+
+    def reply_raw(self, status: int, data: bytes, ctype: str, headers: dict[str, str] | None = None) -> None:
+        # Status line, headers and body in one write (one segment, one client wake-up), as
+        # production servers do for small bodies.
+        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}", f"Content-Type: {ctype}",
+                 f"Content-Length: {len(data)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+
+    def drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # tests read `requests`, not stderr
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--latency-ms", type=float, default=50.0)
+    ap.add_argument("--api-key", default=None)
+    args = ap.parse_args()
+    server = FakeOpenAIServer(latency_s=args.latency_ms / 1000.0, api_key=args.api_key).start()
+    print(f"READY {server.base_url}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
+if __name__ == "__main__":
+    main()

