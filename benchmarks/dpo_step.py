@@ -5,11 +5,14 @@ Usage:
     .venv/bin/python benchmarks/dpo_step.py --model tiny       # a tiny random Llama (dev loop)
     .venv/bin/python benchmarks/dpo_step.py --steps 5 --warmup 1 --threads 2
 
-Four variants, each in its own subprocess (so its peak RSS, VmHWM, is that variant's alone):
+Variants, each in its own subprocess (so its peak RSS, VmHWM, is that variant's alone):
   tether/cached   tether's `train` with reference log-probs precomputed (offline/reference.py)
   tether/ref-fwd  tether's `train` with a frozen reference copy run on every micro-batch
   trl/precompute  trl.DPOTrainer, precompute_ref_log_probs=True
   trl/ref-fwd     trl.DPOTrainer, precompute_ref_log_probs=False (reference model in memory)
+  tether/cached-paired, tether/ref-fwd-paired (not run by default; `--variants`): tether with
+                  `share_prompt=False`, i.e. two rows per pair like TRL, to separate the gain of
+                  computing the prompt once from the rest.
 Each: 8 pairs (16 sequences) per optimizer step, no gradient accumulation, AdamW, fp32, no
 gradient checkpointing (TRL's default turns it on, which would only slow TRL down; its bf16
 default is turned off to match fp32), the same `--threads`. The data are HH-RLHF harmless test
@@ -17,11 +20,14 @@ pairs whose prompt+response fit 128 tokens (prompt = the common prefix up to the
 "\\n\\nAssistant:"), the longest ones first, so both sides see ~110-128-token rows. Reference
 precomputation and model loading are outside the timed region for both.
 
-Measured per variant: tokens/s = non-pad tokens put through the model per step (prompt counted
-once per row, i.e. attention_mask.sum(), the same count TRL logs as num_tokens) over the
-wall time between consecutive optimizer-step ends, after `--warmup` steps; peak RSS; achieved
-model FLOP/s = (6 x params x tokens + 2 x params x tokens if the reference runs) / time, as a
-fraction of a measured fp32 matmul peak (best of 2048^3 `torch.matmul`s, same thread count).
+Measured per variant: tokens/s = the step's tokens counted as TRL counts them (prompt +
+response per sequence, no padding: attention_mask.sum() of TRL's batch, its `num_tokens`) over
+the wall time between consecutive optimizer-step ends, after `--warmup` steps. Since both sides
+train the same pairs, the tokens/s ratio is the pairs/s ratio. Tether computes a shared prompt
+once, so it runs fewer tokens through the model than it is credited with; the FLOP column uses
+the tokens actually run: model FLOP/s = (6 x params + 2 x params if the reference runs) x
+tokens run / time, as a fraction of a measured fp32 matmul peak (best of 2048^3
+`torch.matmul`s on the same threads, before and after the variants). Also: peak RSS per variant.
 """
 
 from __future__ import annotations
@@ -155,7 +161,8 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
     n_params = sum(p.numel() for p in policy.parameters())
     total = warmup + steps
     ends: list[float] = []  # wall time at the end of each optimizer step
-    tokens: list[int] = []  # non-pad tokens of each step
+    tokens: list[int] = []  # each step's tokens as TRL counts them (prompt once per sequence)
+    processed: list[int] = []  # each step's tokens actually put through the model
 
     if variant.startswith("tether"):
         from offline.reference import ReferenceLogpCache, compute_reference_logps
@@ -163,9 +170,10 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
         from offline.train import TrainConfig, plan_steps, train
 
         tokenized = tokenize_pairs(pairs, tok, MAX_LENGTH, MAX_LENGTH - 8)
-        cfg = TrainConfig(batch_size=PAIRS_PER_STEP, max_steps=total, seed=0)
+        share = not variant.endswith("-paired")
+        cfg = TrainConfig(batch_size=PAIRS_PER_STEP, max_steps=total, seed=0, share_prompt=share)
         kwargs: dict = {}
-        if variant == "tether/cached":
+        if variant.startswith("tether/cached"):
             kwargs["reference_logps"] = compute_reference_logps(
                 policy, tokenized, "bench", ReferenceLogpCache(None), cfg.reference_batch_size, False,
                 pad_token_id=tok.pad_token_id)
@@ -175,8 +183,11 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
 
         result = train(policy, tokenized, cfg=cfg, pad_token_id=tok.pad_token_id, progress=False,
                        on_step=lambda metrics: ends.append(time.perf_counter()), **kwargs)
-        tokens = [sum(tokenized[i].n_tokens for b in step for i in b) for step in plan_steps(tokenized, cfg)]
+        plan = [[tokenized[i] for b in step for i in b] for step in plan_steps(tokenized, cfg)]
+        tokens = [sum(p.n_tokens for p in step) for step in plan]
         assert sum(tokens) == result.tokens
+        # shared prompt: the prompt goes through the model once per pair
+        processed = [sum(p.n_tokens - (len(p.prompt_ids) if share else 0) for p in step) for step in plan]
     else:
         from datasets import Dataset
         from transformers import TrainerCallback
@@ -202,18 +213,22 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
         trainer = DPOTrainer(model=str(model_dir), args=args, train_dataset=data, processing_class=tok,
                              callbacks=[Clock()])
         trainer.train()
+        processed = tokens
 
     times = [b - a for a, b in zip(ends[warmup - 1 : -1], ends[warmup:])] if warmup else []
-    timed_tokens = tokens[warmup:total]
+    timed_tokens, timed_processed = tokens[warmup:total], processed[warmup:total]
     seconds = sum(times)
-    ref_fwd = variant.endswith("ref-fwd")
+    flops_per_token = (6 + (2 if "ref-fwd" in variant else 0)) * n_params
     return {
         "variant": variant,
         "steps_timed": len(times),
         "tokens_per_step": statistics.mean(timed_tokens),
+        "processed_per_step": statistics.mean(timed_processed),
         "seconds_per_step": seconds / len(times),
+        "step_seconds": times,
         "tokens_per_s": sum(timed_tokens) / seconds,
-        "model_flops_per_s": (6 + (2 if ref_fwd else 0)) * n_params * sum(timed_tokens) / seconds,
+        "pairs_per_s": PAIRS_PER_STEP * len(times) / seconds,
+        "model_flops_per_s": flops_per_token * sum(timed_processed) / seconds,
         "peak_rss_mib": peak_rss_mib(),
         "params": n_params,
         "threads": torch.get_num_threads(),
@@ -297,20 +312,22 @@ def main() -> None:
 def report(rows: list[dict], peak: float, args: argparse.Namespace, model_dir: Path, wall: float) -> None:
     by = {r["variant"]: r for r in rows}
     load = os.getloadavg()
-    print(f"# dpo_step  {datetime.date.today()}  {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} CPUs, torch threads {args.threads}, load avg {load[0]:.1f}/{load[1]:.1f}")
+    print(f"# dpo_step  {datetime.date.today()}  {platform.machine()}, {os.cpu_count()} CPUs, torch "
+          f"threads {args.threads}, load avg (1/5 min) at the end {load[0]:.1f}/{load[1]:.1f}")
     print(f"# model {model_dir.name} ({rows[0]['params'] / 1e6:.1f}M params, fp32), "
           f"{PAIRS_PER_STEP} pairs/step, {args.steps} timed + {args.warmup} warm-up steps; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s; bench wall {wall:.0f} s")
-    print("| variant | tokens/step | s/step | tokens/s | vs TRL | peak RSS MiB | model FLOP/s | of peak |")
+    print("| variant | tokens/step (model) | s/step | tokens/s | vs TRL | peak RSS MiB | model FLOP/s | of peak |")
     print("|---|---|---|---|---|---|---|---|")
-    peer = {"tether/cached": "trl/precompute", "tether/ref-fwd": "trl/ref-fwd"}
     for r in rows:
-        other = by.get(peer.get(r["variant"], ""))
-        ratio = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}x" if other else ""
-        print(f"| {r['variant']} | {r['tokens_per_step']:.0f} | {r['seconds_per_step']:.2f} | "
-              f"{r['tokens_per_s']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} | "
+        family, _, kind = r["variant"].partition("/")
+        peer = by.get("trl/" + ("ref-fwd" if kind.startswith("ref-fwd") else "precompute"))
+        ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if family == "tether" and peer else ""
+        print(f"| {r['variant']} | {r['tokens_per_step']:.0f} ({r['processed_per_step']:.0f}) | "
+              f"{r['seconds_per_step']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} | "
               f"{r['model_flops_per_s'] / 1e9:.1f} G | {r['model_flops_per_s'] / peak:.0%} |")
+    print("tokens/step: TRL's count (prompt once per sequence); (model): tokens actually run through "
+          "the model, which the FLOP column uses.")
 
 
 if __name__ == "__main__":

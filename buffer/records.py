@@ -63,6 +63,8 @@ class BufferedPair(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> BufferedPair:
+        if self.pair.chosen == self.pair.rejected:
+            raise ValueError("chosen and rejected are identical: the pair states no preference")
         if self.pool == "fresh" and self.cycle is None:
             raise ValueError("a fresh pair needs its cycle index (cycle=...)")
         if self.pool == "anchor" and self.cycle is not None:

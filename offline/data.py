@@ -50,6 +50,7 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 HUB_PREFIX = "hf:"
 
 BAD_RECORD_REASONS = (
+    "duplicate_id",  # two different records carry the same `id`
     "malformed_json",  # the line is not valid JSON
     "invalid_utf8",  # the line is not valid UTF-8
     "not_an_object",  # valid JSON but not an object
@@ -461,6 +462,7 @@ def load_pairs(
     pairs: dict[str, PreferencePair] = {}  # content_id -> pair, in file order
     skipped: Counter[str] = Counter()
     duplicates = n_records = 0
+    id_positions: dict[str, object] = {}  # source id -> where it was first seen
     for position, record in records:
         n_records += 1
         try:
@@ -480,6 +482,10 @@ def load_pairs(
                     _explicit if fmt == "explicit" else _hh
                 )
             pair = normalise(record)
+            if pair.source_id is not None and pair.source_id in id_positions:
+                first = id_positions[pair.source_id]
+                if pairs.get(pair.content_id) is None:  # same id, other content (a true duplicate is dropped below)
+                    raise _Bad("duplicate_id", "id", f"duplicate id {pair.source_id!r}: already used by a different record at {unit} {first}")
         except _Bad as bad:
             if cfg.on_bad_record == "error":
                 raise DataError(
@@ -492,6 +498,8 @@ def load_pairs(
             duplicates += 1
             continue
         pairs[content_id] = pair
+        if pair.source_id is not None:
+            id_positions[pair.source_id] = position
         if cfg.limit is not None and len(pairs) >= cfg.limit:
             break
     if n_records == 0:

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from offline.logps import collate_pairs, sequence_logps
+from offline.logps import collate_pairs, sequence_logps, supports_shared_prompt
 from offline.reference import check_reference_logps
 from offline.tokenize import TokenizedPair
 
@@ -59,6 +59,7 @@ def evaluate_preferences(
         raise ValueError("evaluate_preferences got no pairs")
     check_reference_logps(reference_logps, tokenized)
     device = next(policy.parameters()).device
+    share_prompt = supports_shared_prompt(policy)
     order = sorted(range(len(tokenized)), key=lambda i: tokenized[i].n_tokens)
     margins = torch.empty(len(tokenized), dtype=torch.float64)  # (N,) in input order
     was_training = policy.training
@@ -68,7 +69,7 @@ def evaluate_preferences(
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
                 group = [tokenized[i] for i in idx]
-                batch = collate_pairs(group, pad_token_id).to(device)
+                batch = collate_pairs(group, pad_token_id, share_prompt=share_prompt).to(device)
                 chosen, rejected = sequence_logps(policy, batch).float().cpu().chunk(2)  # (B,), (B,)
                 ref = torch.tensor([reference_logps[p.pair_id] for p in group], dtype=torch.float64)  # (B, 2)
                 margin = beta * ((chosen.double() - ref[:, 0]) - (rejected.double() - ref[:, 1]))  # (B,)

@@ -169,6 +169,7 @@ def save_policy(
     seed: int,
     result: TrainResult,
     metrics: dict[str, Any],
+    overwrite: bool = False,
 ) -> CheckpointRef:
     """Atomically write an HF-format checkpoint with its full lineage."""
     lineage = {
@@ -183,7 +184,7 @@ def save_policy(
         "step_pair_ids": result.step_pair_ids,
         "final_metrics": metrics,
     }
-    return save_checkpoint(policy.model, policy.tokenizer, root, name, lineage)
+    return save_checkpoint(policy.model, policy.tokenizer, root, name, lineage, overwrite=overwrite)
 
 
 def load_initial_policy(cfg: ModelConfig, state_dir: Path) -> LoadedPolicy:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from offline.logps import PreferenceBatch, collate_pairs, sequence_logps
+from offline.logps import PreferenceBatch, collate_pairs, sequence_logps, supports_shared_prompt
 from offline.tokenize import TokenizedPair
 
 _FORMAT = 1
@@ -151,6 +151,7 @@ def compute_reference_logps(
         return result
 
     device = next(model.parameters()).device
+    share_prompt = supports_shared_prompt(model)
     todo = sorted(missing.values(), key=lambda p: p.n_tokens)
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
     was_training = model.training
@@ -158,7 +159,7 @@ def compute_reference_logps(
     try:
         bar = tqdm(batches, desc=f"reference log-probs ({len(todo)} pairs)", disable=not progress)
         for n, group in enumerate(bar, start=1):
-            batch = collate_pairs(group, pad_token_id).to(device)
+            batch = collate_pairs(group, pad_token_id, share_prompt=share_prompt).to(device)
             chosen, rejected = reference_batch_logps(model, batch, reference_context)
             for pair, c, r in zip(group, chosen.tolist(), rejected.tolist()):
                 cache.put(reference_id, pair, c, r)

@@ -79,8 +79,8 @@ class OnlineConfig(Section):
     """Held-out prompts the KL(policy || reference) estimate samples from."""
     kl_samples: int = Field(default=2, ge=1)
     """Policy samples per KL prompt."""
-    lock_ttl_s: float = Field(default=3600.0, gt=0)
-    """The cycle lock expires this long after a crashed holder's last heartbeat."""
+    lock_ttl_s: float = Field(default=120.0, gt=0)
+    """The cycle lock expires this long after a crashed holder's last heartbeat (sent every ttl/3)."""
     on_busy: Literal["skip", "wait"] = "skip"
     """When another cycle holds the lock: skip this run (and say so), or wait for it."""
     wait_timeout_s: float | None = Field(default=None, gt=0)
@@ -143,16 +143,20 @@ def identity_step(name: str, fn: F) -> F:
 # -- pointers and cycle state (Redis is the live copy, the file its mirror) ----------------------
 
 
+class NoCurrentPolicy(RuntimeError):
+    """A cycle needs a promoted policy to start from; there is none (or it is incomplete)."""
+
+
 def current_policy(buffer, state_dir: Path, name: str) -> dict[str, Any]:
     """The promoted policy record: the newer (by `seq`) of Redis' pointer and the file's."""
     candidates = [r for r in (buffer.get_pointer(f"current:{name}"), read_current(state_dir, name)) if r]
     if not candidates:
-        raise RuntimeError(
+        raise NoCurrentPolicy(
             f"no promoted policy for {name!r} yet: run the offline baseline first (tether offline --config ...)"
         )
     record = max(candidates, key=lambda r: r.get("seq", 0))
     if not is_complete(Path(record["checkpoint"]["path"])):
-        raise RuntimeError(f"the current policy {record['checkpoint']['path']} is not a complete checkpoint")
+        raise NoCurrentPolicy(f"the current policy {record['checkpoint']['path']} is not a complete checkpoint")
     return record
 
 
@@ -366,9 +370,11 @@ def run_cycle(
     train_cfg = inputs.cycle_train
     seconds: dict[str, float] = {}
     state = cycle_state(buffer, name, online, train_cfg.loss.beta)
-    index = state["completed"] + 1
-    seed = inputs.seed * 1_000_003 + index
     pointer = current_policy(buffer, state_dir, name)
+    # A cycle killed after promoting but before recording its state has still happened: the
+    # pointer says so, and the next run must not apply the same cycle twice.
+    index = max(state["completed"], int(pointer.get("cycle") or 0)) + 1
+    seed = inputs.seed * 1_000_003 + index
     parent = CheckpointRef.model_validate(pointer["checkpoint"])
     reference_dir = resolve_model_dir(inputs.model, state_dir)
     log.info("cycle %d of %r from %s (anchor_fraction %.3f, beta %.4g)", index, name, parent.path, state["anchor_fraction"], state["beta"])
@@ -424,6 +430,9 @@ def run_cycle(
             policy, state_dir / "checkpoints" / name, f"cycle-{index:04d}-{parent.id[:8]}",
             kind="cycle", fingerprint=anchor["fingerprint"], config=inputs.config_dump, parent=parent,
             seed=cycle_cfg.seed, result=result,
+            # A re-run of a cycle that died after saving (same index and parent) replaces the
+            # unpromoted checkpoint atomically instead of failing forever.
+            overwrite=True,
             metrics={"kl": finite(kl.metrics()), "before": before.model_dump(), "after": after.model_dump(),
                      "gate": {"promote": decision.promote, "reasons": decision.reasons}, **train_metrics},
         )

@@ -311,6 +311,7 @@ class LLMJudge:
         self._url = httpx.URL(cfg.base_url.rstrip("/") + "/chat/completions")
         self._rng = random.Random()
         self._ssl_context: ssl.SSLContext | None = None
+        self._refused = self._answered = 0
 
     def __repr__(self) -> str:
         return f"LLMJudge(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
@@ -340,6 +341,7 @@ class LLMJudge:
         if self._ssl_context is None:
             self._ssl_context = httpx.create_ssl_context()  # loads the CA bundle: once per judge
         slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
+        self._refused = self._answered = 0  # connection refusals vs HTTP answers, this pass
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for _ in range(cfg.concurrency):
@@ -360,6 +362,13 @@ class LLMJudge:
             self.cache.flush()  # verdicts already paid for are kept even if the pass failed
         judgments = [r for r in results if r is not None]
         stats = meter.snapshot()
+        if results and stats.errors == len(results) and self._answered == 0 and self._refused > 0:
+            # Not one connection was accepted: a wrong URL or a dead server, not bad luck.
+            # Training on anchor pairs alone while reporting success would hide it.
+            raise JudgeAPIError(
+                f"the judge at {self.cfg.base_url} is unreachable or failing: every one of {len(results)} pairs "
+                f"failed ({stats.calls} requests, retries included); check judge.llm.base_url and that the server is up"
+            )
         log.info(
             "%s: %d pairs -> %d judgments, %d ties, %d unparseable, %d errors; %d calls "
             "(%d retries, %d cache hits), $%.4f%s in %.1fs",
@@ -466,7 +475,10 @@ class LLMJudge:
                     resp = await client.post(self._url, content=body)
                 except httpx.TransportError as exc:  # timeouts, refused/dropped connections
                     reason = f"{type(exc).__name__}"
+                    if isinstance(exc, httpx.ConnectError):
+                        self._refused += 1
                 else:
+                    self._answered += 1
                     status = resp.status_code
                     if status == 200:
                         try:

@@ -127,8 +127,12 @@ def read_prompt_file(path: Path) -> list[Prompt]:
     if not path.is_file():
         raise PromptError(str(path), None, None, "prompt file not found")
     out: list[Prompt] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise PromptError(str(path), lineno, None, f"invalid UTF-8 at byte {exc.start}") from None
             if not line.strip():
                 continue
             try:

@@ -10,8 +10,9 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -74,7 +75,8 @@ def offline(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> Non
     cfg = _load(config, set_)
     from orchestrator.flows import offline_baseline
 
-    out = offline_baseline(config_path=str(config), overrides=parse_sets(set_))
+    with _user_errors():
+        out = offline_baseline(config_path=str(config), overrides=parse_sets(set_))
     print_metrics("offline baseline", out["metrics"])
     console.print(f"checkpoint: [bold]{out['checkpoint']['path']}[/bold]")
 
@@ -142,7 +144,8 @@ def demo(
     _load(config, set_)
     from orchestrator.flows import hybrid_demo
 
-    out = hybrid_demo(config_path=str(config), overrides=parse_sets(set_), cycles=cycles)
+    with _user_errors():
+        out = hybrid_demo(config_path=str(config), overrides=parse_sets(set_), cycles=cycles)
     print_stages(out["stages"])
     console.print(f"covered categories (in the static dataset): {', '.join(out['covered'])}")
     console.print("See every run, task run, log and artifact with [bold]tether ui[/bold].")
@@ -154,7 +157,8 @@ def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     _load(config, set_)
     from orchestrator.flows import refresh_cycle
 
-    out = refresh_cycle(config_path=str(config), overrides=parse_sets(set_))
+    with _user_errors():
+        out = refresh_cycle(config_path=str(config), overrides=parse_sets(set_))
     if out.get("skipped"):
         console.print(f"[yellow]skipped:[/yellow] {out['reason']}")
         return
@@ -185,9 +189,10 @@ def eval_(
             console.print("[red]error:[/red] no current policy yet: run `tether offline` first, or pass --checkpoint")
             raise typer.Exit(2)
         checkpoint = Path(current["checkpoint"]["path"])
-    inputs = cycle_inputs(cfg)
-    out = evaluate_checkpoint(inputs, checkpoint, cfg.seed)
-    covered = _covered_categories(cfg)
+    with _user_errors():
+        inputs = cycle_inputs(cfg)
+        out = evaluate_checkpoint(inputs, checkpoint, cfg.seed)
+        covered = _covered_categories(cfg)
     rows = [{"category": c, "split": "covered" if c in covered else "held-out", "reward": v}
             for c, v in out["reward"].items() if c != "mean"]
     table = Table(title=f"evaluation of {checkpoint}")
@@ -242,6 +247,64 @@ def schedule(
         raise typer.Exit(2) from None
 
 
+@app.command()
+def report(
+    config: Path = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    cycles: int = typer.Option(3, help="Online refresh cycles after the offline baseline."),
+    out: Path = typer.Option(Path(".tether/report"), help="Where report.md/.json/.png go."),
+) -> None:
+    """Efficacy report: initial vs offline-only vs N cycles (+ a budget probe), claims checked."""
+    _load(config, set_)
+    from orchestrator.report import run_report
+
+    with _user_errors():
+        res = run_report(str(config), parse_sets(set_), cycles, out)
+    print_stages(res["stages"])
+    table = Table(title="claims")
+    for c in ("claim", "holds", "evidence"):
+        table.add_column(c)
+    for c in res["claims"]:
+        table.add_row(c["claim"], "[green]yes[/green]" if c["holds"] else "[red]NO[/red]", c["evidence"])
+    console.print(table)
+    console.print(f"written: {res['paths']['md']}, {res['paths']['png']}")
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Errors that name what to fix (bad data, prompts, config, an unreachable service) end the
+    command with one `error:` line and exit code 2; the flow run's log keeps the traceback."""
+    from buffer.server import RedisServerError, RedisServerMissing
+    from buffer.store import ReplayBufferError
+    from offline.data import DataError
+    from online.cycle import NoCurrentPolicy
+    from online.generate import GenerationError
+    from online.judge import JudgeAPIError
+    from online.prompts import PromptError
+    from orchestrator.config import ConfigError
+
+    try:
+        yield
+    except (ConfigError, DataError, PromptError, ReplayBufferError, RedisServerMissing, RedisServerError,
+            JudgeAPIError, GenerationError, NoCurrentPolicy) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _buffer_errors() -> Iterator[None]:
+    """Buffer failures (Redis unreachable, no redis-server, bad snapshot) as one-line errors."""
+    from buffer.records import InvalidRecord
+    from buffer.server import RedisServerError, RedisServerMissing
+    from buffer.store import ReplayBufferError
+
+    try:
+        yield
+    except (ReplayBufferError, RedisServerMissing, RedisServerError, InvalidRecord, OSError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+
+
 @buffer_app.command("stats")
 def buffer_stats(config: Path = ConfigOpt) -> None:
     """Counts per pool, cycle and category, ages and memory of the replay buffer."""
@@ -249,7 +312,7 @@ def buffer_stats(config: Path = ConfigOpt) -> None:
     from buffer.records import format_stats_table
     from buffer.store import open_buffer
 
-    with open_buffer(cfg.buffer, cfg.state_dir) as buf:
+    with _buffer_errors(), open_buffer(cfg.buffer, cfg.state_dir) as buf:
         console.print(format_stats_table(buf.stats()))
 
 
@@ -260,7 +323,7 @@ def buffer_export(path: Path, config: Path = ConfigOpt) -> None:
     from buffer.export import export_buffer
     from buffer.store import open_buffer
 
-    with open_buffer(cfg.buffer, cfg.state_dir) as buf:
+    with _buffer_errors(), open_buffer(cfg.buffer, cfg.state_dir) as buf:
         n = export_buffer(buf, path)
     console.print(f"wrote {n} pairs to {path}")
 
@@ -272,7 +335,7 @@ def buffer_import(path: Path, config: Path = ConfigOpt) -> None:
     from buffer.export import import_buffer
     from buffer.store import open_buffer
 
-    with open_buffer(cfg.buffer, cfg.state_dir) as buf:
+    with _buffer_errors(), open_buffer(cfg.buffer, cfg.state_dir) as buf:
         seeded, added = import_buffer(buf, path)
     console.print(f"anchor: {seeded}; fresh: {added}")
 

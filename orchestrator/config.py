@@ -90,8 +90,12 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw = loaded
     if overrides:
         raw = _deep_merge(raw, overrides)
+    from buffer.config import PasswordInUrl
+
     try:
         return TetherConfig(**raw)
+    except PasswordInUrl as exc:  # deliberately not a ValidationError: pydantic would echo the URL
+        raise ConfigError(f"{path if path is not None else 'config'}: {exc}") from None
     except ValidationError as exc:
         where = str(path) if path is not None else "config"
         lines = [f"{where}: {exc.error_count()} invalid setting(s):"]

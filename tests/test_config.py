@@ -23,7 +23,7 @@ def test_env_overrides_beat_yaml_and_deep_merge(monkeypatch):
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert cfg.train.loss.beta == 0.25
     # the rest of the section still comes from the file
-    assert cfg.train.learning_rate == pytest.approx(1e-3)
+    assert cfg.train.learning_rate == pytest.approx(1e-4)
     assert cfg.train.loss.type == "sigmoid"
 
 
@@ -38,9 +38,17 @@ def _write(tmp_path: Path, text: str) -> Path:
     return p
 
 
+def _demo_with(tmp_path: Path, edit) -> Path:
+    """configs/demo.yaml with `edit(dict)` applied, written to a tmp file."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "configs" / "demo.yaml").read_text())
+    edit(data)
+    return _write(tmp_path, yaml.safe_dump(data))
+
+
 def test_unknown_key_is_named(tmp_path):
-    base = (ROOT / "configs" / "demo.yaml").read_text()
-    p = _write(tmp_path, base.replace("  learning_rate: 1.0e-3", "  learning_rate: 1.0e-3\n  learnig_rate: 2"))
+    p = _demo_with(tmp_path, lambda d: d["train"].update(learnig_rate=2))
     with pytest.raises(ConfigError) as e:
         load_config(p)
     assert "train.learnig_rate" in str(e.value)
@@ -48,15 +56,13 @@ def test_unknown_key_is_named(tmp_path):
 
 
 def test_negative_beta_is_rejected(tmp_path):
-    base = (ROOT / "configs" / "demo.yaml").read_text()
-    p = _write(tmp_path, base.replace("    beta: 0.1\n\nonline", "    beta: -1\n\nonline"))
+    p = _demo_with(tmp_path, lambda d: d["train"]["loss"].update(beta=-1))
     with pytest.raises(ConfigError, match=r"train\.loss\.beta"):
         load_config(p)
 
 
 def test_budget_must_be_positive(tmp_path):
-    base = (ROOT / "configs" / "demo.yaml").read_text()
-    p = _write(tmp_path, base.replace("kl_budget: 4.0", "kl_budget: 0"))
+    p = _demo_with(tmp_path, lambda d: d["online"]["controller"].update(kl_budget=0))
     with pytest.raises(ConfigError, match=r"online\.controller\.kl_budget"):
         load_config(p)
 

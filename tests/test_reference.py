@@ -39,7 +39,8 @@ def pairs(n: int, offset: int = 0) -> list[TokenizedPair]:
 
 
 class CountingForwards:
-    """Counts rows put through the transformer body (a forward hook on it)."""
+    """Counts rows put through the transformer body (a forward hook on it); a tiny Llama uses
+    sdpa, so each pair is one row (shared-prompt layout)."""
 
     def __init__(self, model) -> None:
         self.rows = 0
@@ -54,15 +55,15 @@ def test_fills_only_missing_pairs_and_persists(tmp_path: Path) -> None:
     counter = CountingForwards(model)
     cache = ReferenceLogpCache(tmp_path)
     first = compute_reference_logps(model, pairs(6), "ref-a", cache, batch_size=4, progress=False)
-    assert counter.rows == 12 and len(first) == 6  # 6 pairs = 12 rows, each once
+    assert counter.rows == 6 and len(first) == 6  # each pair once
 
     more = compute_reference_logps(model, pairs(4, offset=4), "ref-a", cache, batch_size=4, progress=False)
-    assert counter.rows == 12 + 4  # only p6, p7 were missing
+    assert counter.rows == 6 + 2  # only p6, p7 were missing
     assert more["p4"] == first["p4"] and set(more) == {"p4", "p5", "p6", "p7"}
 
     reopened = ReferenceLogpCache(tmp_path)  # a new process reads the file
     again = compute_reference_logps(model, pairs(8), "ref-a", reopened, batch_size=4, progress=False)
-    assert counter.rows == 16 and again == {**first, **more}
+    assert counter.rows == 8 and again == {**first, **more}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
     # values equal a direct forward of the model
@@ -81,7 +82,7 @@ def test_other_reference_id_or_retokenised_pair_is_a_miss(tmp_path: Path) -> Non
     other = tiny_model(seed=1)
     counter_b = CountingForwards(other)
     b = compute_reference_logps(other, pairs(3), "ref-b/step-2", cache, batch_size=8, progress=False)
-    assert counter_b.rows == 6  # new reference: everything recomputed
+    assert counter_b.rows == 3  # new reference: everything recomputed
     assert cache.get("ref-a", pairs(3)[0]) != b["p0"]
     assert len(list(tmp_path.glob("reference-logps-*.json"))) == 2
 
@@ -89,7 +90,7 @@ def test_other_reference_id_or_retokenised_pair_is_a_miss(tmp_path: Path) -> Non
     shorter = TokenizedPair(p0.pair_id, None, p0.prompt_ids[1:], p0.chosen_ids, p0.rejected_ids, True)
     assert cache.get("ref-a", shorter) is None  # same pair id, other tokens (e.g. new max_length)
     compute_reference_logps(model, [shorter], "ref-a", cache, batch_size=8, progress=False)
-    assert counter.rows == 6 + 2
+    assert counter.rows == 3 + 1
 
 
 def test_cache_file_is_plain_json(tmp_path: Path) -> None:

@@ -66,3 +66,43 @@ def test_load_policy_smollm2_with_lora(state_dir):
     assert policy.reference is not None and policy.tokenizer.pad_token is not None
     n_trainable = sum(p.numel() for p in policy.model.parameters() if p.requires_grad)
     assert 0 < n_trainable < 1_000_000
+
+
+def test_a_few_dpo_steps_on_hh_rlhf(state_dir):
+    """The real-model path of configs/smollm2.yaml: HH-RLHF pairs -> reference log-probs ->
+    3 DPO steps -> evaluation -> an HF checkpoint that transformers loads back."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from offline import pipeline
+    from orchestrator.config import load_config, redacted_dump
+
+    root = Path(__file__).resolve().parents[1]
+    data = root.parent / "shared" / "data" / "hh-rlhf-harmless" / "test.jsonl.gz"
+    if not data.exists():
+        pytest.skip(f"real data not found at {data}")
+    cfg = load_config(root / "configs" / "smollm2.yaml", {
+        "state_dir": str(state_dir),
+        "data": {"path": str(data), "limit": 40, "max_length": 96, "max_prompt_length": 64},
+        "train": {"max_steps": 3, "batch_size": 4, "learning_rate": 1e-5, "save_every": None},
+    })
+    policy = pipeline.load_initial_policy(cfg.model, cfg.state_dir)
+    dataset = pipeline.load_and_validate(cfg.data, policy.tokenizer)
+    toks = pipeline.tokenize_dataset(dataset, policy.tokenizer, cfg.data)
+    ref = pipeline.ensure_reference_logps(
+        policy, toks.train + toks.heldout, policy.model_dir, state_dir / "cache", 8, progress=False
+    )
+    result = pipeline.train_policy(policy, toks.train, ref, cfg.train, None, progress=False)
+    assert result.steps == 3
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in result.history)
+    ev = pipeline.evaluate_policy(policy, toks.heldout, ref, cfg.train.loss.beta, 8)
+    assert 0.0 <= ev.implicit.accuracy <= 1.0 and ev.implicit.n == len(toks.heldout)
+    ckpt = pipeline.save_policy(
+        policy, state_dir / "checkpoints", "smollm2-test", kind="offline", fingerprint=dataset.fingerprint,
+        config=redacted_dump(cfg), parent=None, seed=0, result=result, metrics={"eval/accuracy": ev.implicit.accuracy},
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(ckpt.path)
+    trained = dict(policy.model.named_parameters())
+    name, param = next(iter(reloaded.named_parameters()))
+    assert torch.equal(param, trained[name].detach().cpu())

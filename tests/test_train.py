@@ -60,11 +60,16 @@ def learnable_pairs(n: int) -> list[TokenizedPair]:
     ]
 
 
-def naive_logps(model, batch) -> torch.Tensor:
-    """Full-vocabulary logits for every position, float32 log_softmax, masked sum."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
-    tok = logits[:, :-1].log_softmax(-1).gather(2, batch.input_ids[:, 1:, None]).squeeze(2)
-    return (tok * batch.response_mask[:, 1:]).sum(1)
+def naive_logps(model, pairs: list[TokenizedPair]) -> torch.Tensor:
+    """One unpadded sequence at a time, full-vocabulary float32 log_softmax, sum over the response."""
+    out = []
+    for response in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            ids = torch.tensor([p.prompt_ids + getattr(p, response)])
+            logits = model(input_ids=ids).logits.float()[0, :-1]  # (T-1, V)
+            tok = logits.log_softmax(-1).gather(1, ids[0, 1:, None]).squeeze(1)
+            out.append(tok[len(p.prompt_ids) - 1 :].sum())
+    return torch.stack(out)  # (2B,) chosen first
 
 
 def reference_of(model, pairs) -> dict[str, tuple[float, float]]:
@@ -74,44 +79,71 @@ def reference_of(model, pairs) -> dict[str, tuple[float, float]]:
 # --- log-probs ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_response_only_logps_match_full_logits(monkeypatch, tie: bool) -> None:
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["paired", "shared-prompt"])
+@pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
+def test_response_only_logps_match_full_logits(monkeypatch, tie: bool, share_prompt: bool) -> None:
     """Values and gradients, with the LM head split into many chunks (3 rows each)."""
     monkeypatch.setattr(logps_mod, "_CHUNK_ELEMENTS", 3 * 64)
     model = tiny_model(tie=tie)
-    batch = collate_pairs(random_pairs(5), pad_token_id=0)
-    ours = sequence_logps(model, batch)
+    pairs = random_pairs(5)
+    ours = sequence_logps(model, collate_pairs(pairs, pad_token_id=0, share_prompt=share_prompt))
     ours.sum().backward()
     ours_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    naive = naive_logps(model, batch)
+    naive = naive_logps(model, pairs)
     naive.sum().backward()
     torch.testing.assert_close(ours, naive, rtol=1e-5, atol=1e-5)
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours_grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_collate_layout() -> None:
-    """Chosen rows first, right padding, response mask on the response only."""
+def test_eager_attention_takes_the_shared_layout_too() -> None:
+    model = tiny_model()
+    model.config._attn_implementation = "eager"
+    pairs = random_pairs(4)
+    with torch.no_grad():
+        shared = sequence_logps(model, collate_pairs(pairs, 0, share_prompt=True))
+        torch.testing.assert_close(shared, naive_logps(model, pairs), rtol=1e-5, atol=1e-5)
+
+
+def test_collate_layouts() -> None:
+    """Paired: chosen rows first, right padding. Shared: one row per pair, rejected positions
+    restart after the prompt, rejected tokens cannot see chosen ones; both score the same tokens."""
     pairs = [TokenizedPair("a", None, (3, 4), (5, 2), (6, 7, 2), False),
              TokenizedPair("b", None, (8,), (9, 2), (2,), False)]
-    batch = collate_pairs(pairs, pad_token_id=0)
-    assert batch.input_ids.tolist() == [[3, 4, 5, 2, 0], [8, 9, 2, 0, 0], [3, 4, 6, 7, 2], [8, 2, 0, 0, 0]]
-    assert batch.response_mask.int().tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
-    assert batch.response_lengths.tolist() == [2, 2, 3, 1] and batch.n_tokens == 14
-    assert batch.pair_ids == ("a", "b")
+    paired = collate_pairs(pairs, pad_token_id=0)
+    assert paired.input_ids.tolist() == [[3, 4, 5, 2, 0], [8, 9, 2, 0, 0], [3, 4, 6, 7, 2], [8, 2, 0, 0, 0]]
+    assert paired.attention_mask.sum().item() == 14 == paired.n_tokens == paired.n_processed
+    assert paired.response_lengths.tolist() == [2, 2, 3, 1] and paired.pair_ids == ("a", "b")
+    # chosen token 5 of pair a (row 0, col 2) is predicted from col 1
+    assert (paired.score_rows[0].item(), paired.score_cols[0].item(), paired.targets[0].item()) == (0, 1, 5)
+
+    shared = collate_pairs(pairs, pad_token_id=0, share_prompt=True)
+    assert shared.input_ids.tolist() == [[3, 4, 5, 2, 6, 7, 2], [8, 9, 2, 2, 0, 0, 0]]
+    assert shared.position_ids[0].tolist() == [0, 1, 2, 3, 2, 3, 4]
+    assert shared.n_tokens == 14 and shared.n_processed == 11
+    allowed = shared.attention_mask[0, 0]  # (T, T), pair a: prompt 0-1, chosen 2-3, rejected 4-6
+    assert allowed[4].tolist() == [True, True, False, False, True, False, False]
+    assert allowed[6].tolist() == [True, True, False, False, True, True, True]
+    assert allowed[3].tolist() == [True, True, True, True, False, False, False]
+    # the first rejected token (6, at col 4) is predicted from the prompt's last position (col 1)
+    first_rejected = (shared.score_seq == 2).nonzero()[0].item()
+    assert (shared.score_cols[first_rejected].item(), shared.targets[first_rejected].item()) == (1, 6)
+    assert sorted(zip(shared.score_seq.tolist(), shared.targets.tolist())) == sorted(
+        zip(paired.score_seq.tolist(), paired.targets.tolist()))
 
 
-def test_padding_does_not_change_logps() -> None:
+@pytest.mark.parametrize("share_prompt", [False, True], ids=["paired", "shared-prompt"])
+def test_padding_does_not_change_logps(share_prompt: bool) -> None:
     """A pair scored alone and next to a much longer pair (so with lots of padding), and with
     another pad id, gets the same log-probs."""
     model = tiny_model()
     short = random_pairs(3)[0]
     long = TokenizedPair("long", None, tuple(range(10, 40)), tuple(range(40, 60)), (9, 2), False)
     with torch.no_grad():
-        alone = sequence_logps(model, collate_pairs([short], 0))  # (2,)
-        padded = sequence_logps(model, collate_pairs([short, long], 0))  # (4,)
-        other_pad = sequence_logps(model, collate_pairs([short, long], 63))
+        alone = sequence_logps(model, collate_pairs([short], 0, share_prompt=share_prompt))  # (2,)
+        padded = sequence_logps(model, collate_pairs([short, long], 0, share_prompt=share_prompt))  # (4,)
+        other_pad = sequence_logps(model, collate_pairs([short, long], 63, share_prompt=share_prompt))
     torch.testing.assert_close(padded[[0, 2]], alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(other_pad, padded, rtol=1e-5, atol=1e-5)
 
@@ -219,6 +251,16 @@ def test_live_reference_forward_equals_cached_reference() -> None:
     live = train(policy, pairs, None, cfg, pad_token_id=0, progress=False, reference_model=copy.deepcopy(policy))
     for x, y in zip(cached.history, live.history):
         assert abs(x["loss"] - y["loss"]) < 1e-6
+
+
+def test_shared_prompt_training_matches_paired_training() -> None:
+    pairs = random_pairs(12)
+    cfg = TrainConfig(learning_rate=1e-2, batch_size=4, epochs=2)
+    _, shared = run(pairs, cfg)
+    _, paired = run(pairs, cfg.model_copy(update={"share_prompt": False}))
+    assert shared.step_pair_ids == paired.step_pair_ids and shared.tokens == paired.tokens
+    for x, y in zip(shared.history, paired.history):
+        assert abs(x["loss"] - y["loss"]) < 1e-4 and abs(x["rewards/margins"] - y["rewards/margins"]) < 1e-4
 
 
 def test_missing_reference_logps_is_an_error() -> None:

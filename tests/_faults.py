@@ -1,0 +1,169 @@
+"""Shared parts of the fault, bad-input and secrets suites: a small demo state, plain cycles.
+
+Contract:
+- `small_overrides(state_dir, ...)` is the demo config shrunk so a plain cycle takes seconds.
+- `prepare_state(state_dir, overrides)` copies the demo policy (built once per process into a
+  temp dir, ~30 s) into `state_dir`, saves it as the checkpoint `initial` and promotes it, so a
+  refresh cycle can start without the offline flow; it returns the loaded `TetherConfig`.
+- `plain_inputs(cfg)` is `orchestrator.flows.cycle_inputs` without importing prefect.
+- `locked_cycle(cfg, buf, step)` is `orchestrator.flows.run_refresh` without Prefect: the plain
+  `run_cycle` under the cycle lock; it returns None when another cycle holds the lock.
+- `FaultRow` is one row of the fault table (benchmarks/faults.py prints them).
+
+Nothing here imports prefect, so the subprocess driver (`tests/_faults_cycle.py`) starts fast.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "demo.yaml"
+
+_TEMPLATE: Path | None = None  # <tmp>/models of a state dir in which the demo policy was built
+
+
+def small_overrides(state_dir: Path, redis_url: str | None = None, **extra: Any) -> dict[str, Any]:
+    """The demo config, shrunk: 600 data pairs, 48 prompts and 96 training pairs per cycle, 1 epoch."""
+    o: dict[str, Any] = {
+        "state_dir": str(state_dir),
+        "data": {"limit": 600},
+        "train": {"epochs": 1},
+        "online": {
+            "prompts": {"sample_per_cycle": 48},
+            "train_pairs": 96,
+            "eval_max_prompts": 24,
+            "kl_prompts": 8,
+            "train": {"epochs": 1},
+        },
+    }
+    if redis_url:
+        o["buffer"] = {"url": redis_url}
+    for key, value in extra.items():
+        node = o
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return o
+
+
+def demo_models_template() -> Path:
+    """A `models/` dir holding the built demo policy (built on first call in this process)."""
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        from offline.demo_task import build_demo_policy
+
+        root = Path(tempfile.mkdtemp(prefix="tether-demo-template-"))
+        build_demo_policy(root)
+        _TEMPLATE = root / "models"
+    return _TEMPLATE
+
+
+def prepare_state(state_dir: Path, overrides: dict[str, Any]):
+    """Copy the demo policy into `state_dir`, checkpoint it as `initial` and promote it."""
+    from offline import pipeline
+    from offline.pointer import promote
+    from offline.train import TrainResult
+    from orchestrator.config import load_config, redacted_dump
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if not (state_dir / "models").exists():
+        shutil.copytree(demo_models_template(), state_dir / "models")
+    cfg = load_config(CONFIG, overrides)
+    policy = pipeline.load_initial_policy(cfg.model, state_dir)
+    nothing = TrainResult(history=[], step_pair_ids=[], final_metrics={}, steps=0,
+                          resumed_from_step=None, tokens=0, seconds=0.0)
+    ref = pipeline.save_policy(
+        policy, cfg.checkpoints_dir, "initial", kind="offline", fingerprint="initial-policy",
+        config=redacted_dump(cfg), parent=None, seed=cfg.seed, result=nothing, metrics={},
+    )
+    promote(state_dir, cfg.name, ref, kind="offline")
+    return cfg
+
+
+def plain_inputs(cfg):
+    """`orchestrator.flows.cycle_inputs` without prefect."""
+    from offline.pipeline import resolve_data
+    from online.cycle import CycleInputs
+    from orchestrator.config import redacted_dump
+
+    assert cfg.online is not None
+    return CycleInputs(
+        model=cfg.model, data=resolve_data(cfg.data, cfg.state_dir), train=cfg.train, online=cfg.online,
+        state_dir=cfg.state_dir, name=cfg.name, seed=cfg.seed, config_dump=redacted_dump(cfg),
+    )
+
+
+def locked_cycle(cfg, buf, step: Callable | None = None, on_acquired: Callable[[], None] | None = None):
+    """One plain cycle under the cycle lock, as `run_refresh` takes it; None when skipped."""
+    from buffer.lock import LockHeld
+    from online.cycle import identity_step, run_cycle
+
+    online = cfg.online
+    try:
+        with buf.lock(
+            f"cycle:{cfg.name}", ttl_s=online.lock_ttl_s, blocking=online.on_busy == "wait",
+            timeout_s=online.wait_timeout_s, heartbeat_s=max(1.0, online.lock_ttl_s / 3),
+        ):
+            if on_acquired is not None:
+                on_acquired()
+            return run_cycle(plain_inputs(cfg), buf, step=step or identity_step, progress=False)
+    except LockHeld:
+        return None
+
+
+def hook(name: str, wrap: Callable[[Callable], Callable]) -> Callable[[str, Callable], Callable]:
+    """A `step` hook for `run_cycle` that wraps only step `name` (fault injection)."""
+
+    def step(step_name: str, fn: Callable) -> Callable:
+        return wrap(fn) if step_name == name else fn
+
+    return step
+
+
+def checkpoint_dirs(state_dir: Path, name: str = "demo") -> list[Path]:
+    """Every directory under the run family's checkpoints, hidden temp dirs included."""
+    root = state_dir / "checkpoints" / name
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.exists() else []
+
+
+@dataclass
+class FaultRow:
+    """One row of the fault table; `problems` lists every broken invariant (empty = pass)."""
+
+    fault: str
+    runs: int = 0
+    written: int = 0  # pairs the buffer acknowledged
+    lost: int = 0  # acknowledged pairs missing afterwards
+    outcome: str = ""
+    problems: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def check(self, condition: bool, problem: str) -> bool:
+        if not condition:
+            self.problems.append(problem)
+        return condition
+
+
+def format_table(rows: list[FaultRow]) -> str:
+    """The fault table as aligned plain text."""
+    head = ("fault", "runs", "pairs written", "pairs lost", "outcome")
+    body = [
+        (r.fault, str(r.runs), str(r.written), str(r.lost),
+         ("ok: " if r.ok else "FAIL: ") + (r.outcome if r.ok else "; ".join(r.problems)))
+        for r in rows
+    ]
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(4)]
+    lines = [" | ".join(h.ljust(w) for h, w in zip(head[:4], widths)) + " | " + head[4]]
+    lines.append("-+-".join("-" * w for w in widths) + "-+-" + "-" * 40)
+    lines += [" | ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + " | " + row[4] for row in body]
+    return "\n".join(lines)

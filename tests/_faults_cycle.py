@@ -1,0 +1,87 @@
+"""Run one plain refresh cycle in its own process, for the fault suite to SIGKILL.
+
+    python tests/_faults_cycle.py OVERRIDES.json EVENTS.jsonl [--go FILE] [--hang-in-save]
+
+The cycle is `tests/_faults.locked_cycle` (the plain `run_cycle` under the cycle lock, as
+`tether cycle` takes it, without Prefect) on configs/demo.yaml with the JSON overrides, against
+the Redis at `buffer.url`. Progress goes to EVENTS as JSON lines, each flushed, so the parent
+knows when to strike and what the buffer acknowledged: ready, acquired, added (pair ids),
+trained (resumed_from_step), saving, done / skipped. `--go FILE` waits for FILE to exist
+before taking the lock (two processes start their cycles at once); `--hang-in-save` stops
+inside `save_checkpoint`, after every file and the completion marker are written into the temp
+dir and before it is renamed into place, so a kill lands exactly there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("overrides", type=Path)
+    ap.add_argument("events", type=Path)
+    ap.add_argument("--go", type=Path, default=None)
+    ap.add_argument("--hang-in-save", action="store_true")
+    args = ap.parse_args()
+    out = open(args.events, "a", encoding="utf-8")
+
+    def emit(event: str, **data) -> None:
+        out.write(json.dumps({"event": event, "t": time.time(), **data}) + "\n")
+        out.flush()
+
+    from _faults import CONFIG, locked_cycle
+
+    import offline.checkpoint as checkpoint
+    from buffer.store import ReplayBuffer
+    from orchestrator.config import load_config
+
+    cfg = load_config(CONFIG, json.loads(args.overrides.read_text()))
+    buf = ReplayBuffer.connect(cfg.buffer)
+    if args.hang_in_save:
+        fsync_dir = checkpoint._fsync_dir
+
+        def hang(directory: Path) -> None:
+            fsync_dir(directory)
+            emit("saving", dir=str(directory))
+            time.sleep(600)
+
+        checkpoint._fsync_dir = hang
+
+    def step(name: str, fn):
+        if name == "add-fresh-pairs":
+            def add(buffer, judgments, *a, **k):
+                result = fn(buffer, judgments, *a, **k)  # returned = acknowledged by Redis
+                emit("added", ids=[j.to_pair().content_id for j in judgments], result=result)
+                return result
+            return add
+        if name == "train":
+            def train(*a, **k):
+                result = fn(*a, **k)
+                emit("trained", steps=result.steps, resumed_from_step=result.resumed_from_step)
+                return result
+            return train
+        return fn
+
+    emit("ready")
+    if args.go is not None:
+        while not args.go.exists():
+            time.sleep(0.005)
+    report = locked_cycle(cfg, buf, step=step, on_acquired=lambda: emit("acquired"))
+    if report is None:
+        emit("skipped")
+    else:
+        emit("done", index=report.index, promoted=report.promoted, checkpoint=report.checkpoint,
+             pairs_added=report.mix.get("pairs_added"))
+    buf.close()
+
+
+if __name__ == "__main__":
+    main()
