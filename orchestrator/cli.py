@@ -120,15 +120,19 @@ def ui(
     console.print(f"Prefect UI: [bold]{url}[/bold]  (PREFECT_HOME={home}); Ctrl-C to stop.")
     console.print(f"Point other shells at it with: export PREFECT_API_URL={url}/api")
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    raise typer.Exit(subprocess.call(cmd, env=dict(os.environ)))
+    # The UI builds its API address from these settings, not from --port.
+    env = {**os.environ, "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port),
+           "PREFECT_UI_API_URL": f"{url}/api"}
+    raise typer.Exit(subprocess.call(cmd, env=env))
 
 
 def print_stages(rows: list[dict[str, Any]]) -> None:
     """The per-stage table of `tether demo` / `tether report`."""
-    table = Table(title="reward per stage (held-out prompts) and KL vs budget")
+    table = Table(title="rule reward on held-out prompts, and KL(policy || reference) vs budget")
     cols = ["stage", "reward/covered", "reward/heldout", "kl/policy_ref", "kl_budget", "promoted"]
-    for c in cols:
-        table.add_column(c, justify="left" if c in ("stage", "promoted") else "right")
+    heads = ["stage", "covered cats", "held-out cats", "KL", "budget", "promoted"]
+    for c, h in zip(cols, heads):
+        table.add_column(h, justify="left" if c in ("stage", "promoted") else "right", no_wrap=True)
     for r in rows:
         table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
     console.print(table)
