@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
 import redis
-from pydantic import TypeAdapter
+from pydantic import TypeAdapter, ValidationError
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -70,6 +70,8 @@ from buffer.records import (
     InvalidRecord,
     LogpPair,
     SeedResult,
+    describe_error,
+    pair_id,
     validate_records,
 )
 from buffer.server import LocalRedis
@@ -83,6 +85,8 @@ START_HINT = (
 )
 SEED_CHUNK = 5_000  # pairs per script call while seeding: bounds how long one call blocks Redis
 _PAIR_LIST = TypeAdapter(list[BufferedPair])
+_PAIR_SERIALIZER = PreferencePair.__pydantic_serializer__
+_NO_LOGPS = {"reference_logps"}  # stored beside the pair, one hash per reference
 
 
 class ReplayBufferError(RuntimeError):
@@ -111,9 +115,16 @@ local function catkey(rec)
 end
 """
 
-# ARGV: ns, fresh_capacity, anchor fingerprint guard ('' = none), new version token, then per
-#       record: "<id>|<pool>|<cycle>|<created_at epoch>|<catkey>" (cycle '' for anchor), pair JSON.
-# Counts and times are aggregated per group and written once per group, not once per pair.
+# ARGV: ns, fresh_capacity, anchor fingerprint guard ('' = none), new version token, the number
+#       of groups G, G group fields "<pool>|<cycle>|<catkey>" (cycle '' for anchor), then one
+#       argument per record: "<id> <group 1..G> <created_at epoch> <pair JSON>". One argument per
+#       record (not id and JSON apart) because packing costs per argument on both sides.
+# Batched: which ids exist is one HMGET per slice of BATCH ids, and the new pairs go in with one
+# HSET per slice and one ZADD per index and slice, so the script makes a few calls per thousand
+# pairs instead of three per pair (and the AOF logs a few large commands, still in one
+# MULTI/EXEC). unpack() has a C-stack limit (~8k values), hence the slices. Counts and times
+# are aggregated per group and written once per group. A pair given twice in one call is added
+# once (the second counts as a duplicate).
 _ADD_LUA = _CATKEY_LUA + """
 local ns, capacity, guard = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 if guard ~= '' then
@@ -121,28 +132,66 @@ if guard ~= '' then
   if fp ~= guard then return redis.error_reply('TETHER_ANCHOR_CHANGED ' .. tostring(fp)) end
 end
 local P, G, T = ns .. ':pairs', ns .. ':groups', ns .. ':group_times'
+local BATCH = 1000
 local added, dup, evicted = 0, 0, 0
+local ng = tonumber(ARGV[5])
+local gkey, gscore, gfresh, zs = {}, {}, {}, {}
+for g = 1, ng do
+  local pool, cycle, cat = string.match(ARGV[5 + g], '^([^|]*)|([^|]*)|(.*)$')
+  gkey[g] = ns .. ':idx:' .. pool .. ':' .. cat
+  gscore[g] = 0
+  if cycle ~= '' then gscore[g] = tonumber(cycle) end
+  gfresh[g] = pool == 'fresh'
+  zs[g] = {}
+end
+local first = 6 + ng
+local ids, grp, at, from = {}, {}, {}, {}
+for i = first, #ARGV do
+  local id, g, t, p = string.match(ARGV[i], '^(%S+) (%d+) (%S+) ()')
+  local k = i - first + 1
+  ids[k], grp[k], at[k], from[k] = id, tonumber(g), t, p
+end
 local counts, tmin, tmax = {}, {}, {}
-for i = 5, #ARGV, 2 do
-  local id, pool, cycle, created, cat = string.match(ARGV[i], '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
-  if redis.call('HSETNX', P, id, ARGV[i + 1]) == 1 then
-    local score = 0
-    if cycle ~= '' then score = tonumber(cycle) end
-    redis.call('ZADD', ns .. ':idx:' .. pool .. ':' .. cat, score, id)
-    if pool == 'fresh' then redis.call('ZADD', ns .. ':fresh:order', score, id) end
-    local f = pool .. '|' .. cycle .. '|' .. cat
-    local t = tonumber(created)
-    counts[f] = (counts[f] or 0) + 1
-    if tmin[f] == nil or t < tmin[f] then tmin[f] = t end
-    if tmax[f] == nil or t > tmax[f] then tmax[f] = t end
-    added = added + 1
-  else
-    dup = dup + 1
+local fields, order, seen = {}, {}, {}
+for s = 1, #ids, BATCH do
+  local e = math.min(s + BATCH - 1, #ids)
+  local found = redis.call('HMGET', P, unpack(ids, s, e))
+  for k = s, e do
+    local id = ids[k]
+    if found[k - s + 1] or seen[id] then
+      dup = dup + 1
+    else
+      seen[id] = true
+      local g = grp[k]
+      fields[#fields + 1] = id
+      fields[#fields + 1] = string.sub(ARGV[first + k - 1], from[k])
+      local z = zs[g]
+      z[#z + 1] = gscore[g]
+      z[#z + 1] = id
+      if gfresh[g] then
+        order[#order + 1] = gscore[g]
+        order[#order + 1] = id
+      end
+      local t = tonumber(at[k])
+      counts[g] = (counts[g] or 0) + 1
+      if tmin[g] == nil or t < tmin[g] then tmin[g] = t end
+      if tmax[g] == nil or t > tmax[g] then tmax[g] = t end
+      added = added + 1
+    end
   end
 end
-for f, c in pairs(counts) do
+local function batched(cmd, key, flat)
+  for s = 1, #flat, 2 * BATCH do
+    redis.call(cmd, key, unpack(flat, s, math.min(s + 2 * BATCH - 1, #flat)))
+  end
+end
+batched('HSET', P, fields)
+for g = 1, ng do batched('ZADD', gkey[g], zs[g]) end
+batched('ZADD', ns .. ':fresh:order', order)
+for g, c in pairs(counts) do
+  local f = ARGV[5 + g]
   redis.call('HINCRBY', G, f, c)
-  local lo, hi = tmin[f], tmax[f]
+  local lo, hi = tmin[g], tmax[g]
   local old = redis.call('HGET', T, f)
   if old then
     local a, b = string.match(old, '^(%S+) (%S+)$')
@@ -398,14 +447,18 @@ class ReplayBuffer:
         if not fingerprint:
             raise ValueError("the anchor needs the dataset's fingerprint (non-empty)")
         now = datetime.now(timezone.utc)
-        records = []
+        items: list[PreferencePair | BufferedPair] = []
         for i, p in enumerate(pairs):
             if not isinstance(p, PreferencePair):
                 raise InvalidRecord(f"pair {i}: expected a PreferencePair, got {type(p).__name__}")
-            # (Validating is cheap here: the pair instance is not re-validated, and pydantic's
-            # model_construct is slower than its Rust validator.)
-            records.append(BufferedPair.anchor(p, fingerprint, created_at=now))
-        return self._seed(records, fingerprint, replace=replace)
+            if type(p) is PreferencePair and p.chosen != p.rejected:
+                items.append(p)  # what BufferedPair.anchor would validate: see _AnchorEncoder
+                continue
+            try:
+                items.append(BufferedPair.anchor(p, fingerprint, created_at=now))
+            except ValidationError as e:
+                raise InvalidRecord(f"pair {i}: {describe_error(e)}") from None
+        return self._seed(items, fingerprint, replace=replace, encoder=_AnchorEncoder(fingerprint, now))
 
     @_translating_errors
     def restore(self, records: Iterable[BufferedPair | Mapping[str, Any]]) -> tuple[SeedResult | None, AddResult]:
@@ -428,7 +481,14 @@ class ReplayBuffer:
         self._store_record_logps(recs)
         return seeded, added
 
-    def _seed(self, records: list[BufferedPair], fingerprint: str, *, replace: bool) -> SeedResult:
+    def _seed(
+        self,
+        records: Sequence[PreferencePair | BufferedPair],
+        fingerprint: str,
+        *,
+        replace: bool,
+        encoder: _Encoder | None = None,
+    ) -> SeedResult:
         status, removed, complete = self._seed_begin(
             args=[self._ns, fingerprint, "1" if replace else "0", datetime.now(timezone.utc).isoformat(), _token()]
         )
@@ -440,22 +500,25 @@ class ReplayBuffer:
         if complete == "1":  # this exact dataset was fully seeded before: nothing to send
             return SeedResult(fingerprint=fingerprint, added=0, existing=len(records), removed=int(removed))
         try:
-            result = self._write_chunked(records, guard=fingerprint)
+            result = self._write_chunked(records, guard=fingerprint, encoder=encoder)
         except redis.ResponseError as e:
             if "TETHER_ANCHOR_CHANGED" in str(e):
                 raise AnchorMismatch(f"the anchor was re-seeded by someone else while seeding {fingerprint!r}") from e
             raise
         self._seed_done(args=[self._ns, fingerprint])
-        self._store_record_logps(records)
+        self._store_record_logps([r for r in records if isinstance(r, BufferedPair)])
         return SeedResult(fingerprint=fingerprint, added=result.added, existing=result.duplicates, removed=int(removed))
 
-    def _write_chunked(self, records: Sequence[BufferedPair], *, guard: str) -> AddResult:
-        """Write in chunks of SEED_CHUNK, each atomic; serialise chunk k+1 while Redis runs chunk k."""
+    def _write_chunked(
+        self, records: Sequence[PreferencePair | BufferedPair], *, guard: str, encoder: _Encoder | None = None
+    ) -> AddResult:
+        """Write in chunks of SEED_CHUNK, each atomic; encode chunk k+1 while Redis runs chunk k."""
+        encoder = encoder or _Encoder()
         added = duplicates = evicted = 0
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-writer") as writer:
             pending = None
             for start in range(0, len(records), SEED_CHUNK):
-                args = self._args(records[start : start + SEED_CHUNK], guard)
+                args = self._header(guard) + encoder.encode(records[start : start + SEED_CHUNK])
                 if pending is not None:
                     a, d, e = pending.result()
                     added, duplicates, evicted = added + a, duplicates + d, evicted + e
@@ -471,14 +534,12 @@ class ReplayBuffer:
         added, duplicates, evicted = self._add(args=self._args(records, guard))
         return AddResult(added=added, duplicates=duplicates, evicted=evicted)
 
+    def _header(self, guard: str) -> list[str | int]:
+        return [self._ns, self.cfg.fresh_capacity, guard, _token()]
+
     def _args(self, records: Sequence[BufferedPair], guard: str) -> list[str | int]:
-        """ADD script arguments: two per record (see _ADD_LUA), few and flat because packing is per arg."""
-        args: list[str | int] = [self._ns, self.cfg.fresh_capacity, guard, _token()]
-        for r in records:
-            cycle = "" if r.cycle is None else str(r.cycle)
-            args.append(f"{r.id}|{r.pool}|{cycle}|{r.created_at.timestamp():.6f}|{catkey(r.category)}")
-            args.append(r.model_dump_json(exclude={"reference_logps"}))
-        return args
+        """ADD script arguments (see _ADD_LUA): a few, then one per record."""
+        return self._header(guard) + _Encoder().encode(records)
 
     def _store_record_logps(self, records: Sequence[BufferedPair]) -> None:
         by_ref: dict[str, dict[str, LogpPair]] = {}
@@ -763,6 +824,57 @@ class ReplayBuffer:
                 "Redis at %s has appendonly off: a crash loses buffered pairs; "
                 "run it with --appendonly yes", self.url
             )
+
+
+class _Encoder:
+    """Records as _ADD_LUA's arguments after the header: group count, group fields, then one
+    "<id> <group> <created_at epoch> <pair JSON>" per record (~6 us a pair: pydantic-core's
+    serializer straight, not model_dump_json's Python wrapper around it; `pair_id`)."""
+
+    def encode(self, records: Sequence[PreferencePair | BufferedPair]) -> list[str | int]:
+        groups: dict[str, int] = {}
+        out: list[str | int] = []
+        for r in records:
+            head, blob = self.record(r, groups)
+            out.append(f"{head} {blob}")
+        return [len(groups), *groups, *out]
+
+    def record(self, r: PreferencePair | BufferedPair, groups: dict[str, int]) -> tuple[str, str]:
+        r = cast(BufferedPair, r)  # (_AnchorEncoder handles bare pairs)
+        field = f"{r.pool}|{'' if r.cycle is None else r.cycle}|{catkey(r.pair.category)}"
+        g = groups.setdefault(field, len(groups) + 1)
+        blob = r.__pydantic_serializer__.to_json(r, exclude=_NO_LOGPS).decode()
+        return f"{pair_id(r.pair)} {g} {r.created_at.timestamp():.6f}", blob
+
+
+class _AnchorEncoder(_Encoder):
+    """Anchor pairs of one seed without a BufferedPair each (building one costs ~10 us a pair).
+
+    Every anchor record of a seed is `{"pair": <the pair's JSON>` plus the same tail (pool,
+    source, created_at, ...), so the tail is cut once from a real BufferedPair's JSON; if the
+    model's layout ever puts something else first, every pair goes through BufferedPair again.
+    seed_anchor passes bare pairs only when they are exactly PreferencePair (whose fields
+    pydantic validated when it was built) with chosen != rejected: all that BufferedPair.anchor
+    checks of a pair; the fingerprint and time are checked here, once.
+    """
+
+    def __init__(self, fingerprint: str, created_at: datetime) -> None:
+        self._fingerprint, self._created_at = fingerprint, created_at
+        probe = BufferedPair.anchor(PreferencePair(prompt="p", chosen="c", rejected="r"), fingerprint,
+                                    created_at=created_at)  # fmt: skip
+        head = '{"pair":' + probe.pair.model_dump_json()
+        full = probe.model_dump_json(exclude=_NO_LOGPS)
+        self._tail = full[len(head) :] if full.startswith(head) else None
+        self._time = f"{created_at.timestamp():.6f}"
+
+    def record(self, r: PreferencePair | BufferedPair, groups: dict[str, int]) -> tuple[str, str]:
+        if isinstance(r, BufferedPair):
+            return super().record(r, groups)
+        if self._tail is None:
+            return super().record(BufferedPair.anchor(r, self._fingerprint, created_at=self._created_at), groups)
+        g = groups.setdefault(f"anchor||{catkey(r.category)}", len(groups) + 1)
+        blob = '{"pair":' + _PAIR_SERIALIZER.to_json(r).decode() + self._tail
+        return f"{pair_id(r)} {g} {self._time}", blob
 
 
 def _token() -> str:

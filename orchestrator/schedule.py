@@ -10,7 +10,6 @@ skips (or waits: `online.on_busy`) and says so in its log and artifacts.
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import timedelta
 from pathlib import Path
@@ -30,7 +29,9 @@ def deployment_name(name: str) -> str:
 
 def require_server() -> str:
     """The API URL of a reachable Prefect server; a clear error when there is none."""
-    url = os.environ.get("PREFECT_API_URL")
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url  # PREFECT_API_URL, from the env, a profile or a settings context
     hint = "start one with `tether ui` (it prints the URL) and `export PREFECT_API_URL=http://127.0.0.1:4200/api`"
     if not url:
         raise ScheduleError(f"schedules need a Prefect server, and PREFECT_API_URL is not set: {hint}")

@@ -186,14 +186,16 @@ def test_schedule_is_created_updated_and_read_back(harness, state_dir):
     assert any("demo-refresh" in line and "active" in line for line in schedule.list_deployments())
 
 
-def test_schedule_refuses_without_a_server(monkeypatch):
+def test_schedule_refuses_without_a_server():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from orchestrator import schedule
 
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with pytest.raises(schedule.ScheduleError, match="tether ui"):
-        schedule.require_server()
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    with pytest.raises(schedule.ScheduleError, match="no Prefect server answers"):
-        schedule.require_server()
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        with pytest.raises(schedule.ScheduleError, match="tether ui"):
+            schedule.require_server()
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with pytest.raises(schedule.ScheduleError, match="no Prefect server answers"):
+            schedule.require_server()
     with pytest.raises(schedule.ScheduleError, match="unit"):
         schedule.parse_interval("six hours")
