@@ -116,9 +116,11 @@ end
 """
 
 # ARGV: ns, fresh_capacity, anchor fingerprint guard ('' = none), new version token, the number
-#       of groups G, G group fields "<pool>|<cycle>|<catkey>" (cycle '' for anchor), then one
-#       argument per record: "<id> <group 1..G> <created_at epoch> <pair JSON>". One argument per
-#       record (not id and JSON apart) because packing costs per argument on both sides.
+#       of groups G, G group fields "<pool>|<cycle>|<catkey>" (cycle '' for anchor), one
+#       argument holding a line "<id> <group 1..G> <created_at epoch>" per record, then the
+#       records' pair JSONs, one argument each. (Few arguments: packing costs per argument on
+#       both sides. But not the JSON inside a longer argument: Lua hashes every byte of every
+#       string it makes, and cutting the JSON out would make and hash it twice.)
 # Batched: which ids exist is one HMGET per slice of BATCH ids, and the new pairs go in with one
 # HSET per slice and one ZADD per index and slice, so the script makes a few calls per thousand
 # pairs instead of three per pair (and the AOF logs a few large commands, still in one
@@ -139,18 +141,19 @@ local gkey, gscore, gfresh, zs = {}, {}, {}, {}
 for g = 1, ng do
   local pool, cycle, cat = string.match(ARGV[5 + g], '^([^|]*)|([^|]*)|(.*)$')
   gkey[g] = ns .. ':idx:' .. pool .. ':' .. cat
-  gscore[g] = 0
-  if cycle ~= '' then gscore[g] = tonumber(cycle) end
+  gscore[g] = '0'  -- a string: Lua would format a number for every call
+  if cycle ~= '' then gscore[g] = cycle end
   gfresh[g] = pool == 'fresh'
   zs[g] = {}
 end
-local first = 6 + ng
-local ids, grp, at, from = {}, {}, {}, {}
-for i = first, #ARGV do
-  local id, g, t, p = string.match(ARGV[i], '^(%S+) (%d+) (%S+) ()')
-  local k = i - first + 1
-  ids[k], grp[k], at[k], from[k] = id, tonumber(g), t, p
+local first = 6 + ng  -- ARGV[first]: the lines; ARGV[first + k]: record k's JSON
+local ids, grp, at = {}, {}, {}
+local n = 0
+for id, g, t in string.gmatch(ARGV[first], '(%S+) (%d+) (%S+)\\n') do
+  n = n + 1
+  ids[n], grp[n], at[n] = id, tonumber(g), t
 end
+if n ~= #ARGV - first then return redis.error_reply('ERR TETHER_BAD_ARGS lines/records mismatch') end
 local counts, tmin, tmax = {}, {}, {}
 local fields, order, seen = {}, {}, {}
 for s = 1, #ids, BATCH do
@@ -164,7 +167,7 @@ for s = 1, #ids, BATCH do
       seen[id] = true
       local g = grp[k]
       fields[#fields + 1] = id
-      fields[#fields + 1] = string.sub(ARGV[first + k - 1], from[k])
+      fields[#fields + 1] = ARGV[first + k]
       local z = zs[g]
       z[#z + 1] = gscore[g]
       z[#z + 1] = id
@@ -827,24 +830,28 @@ class ReplayBuffer:
 
 
 class _Encoder:
-    """Records as _ADD_LUA's arguments after the header: group count, group fields, then one
-    "<id> <group> <created_at epoch> <pair JSON>" per record (~6 us a pair: pydantic-core's
-    serializer straight, not model_dump_json's Python wrapper around it; `pair_id`)."""
+    """Records as _ADD_LUA's arguments after the header: group count, group fields, the lines
+    "<id> <group> <created_at epoch>" in one argument, then each record's JSON (~6 us a pair:
+    pydantic-core's serializer straight, not model_dump_json's Python wrapper around it, and
+    `pair_id`)."""
 
     def encode(self, records: Sequence[PreferencePair | BufferedPair]) -> list[str | int]:
         groups: dict[str, int] = {}
-        out: list[str | int] = []
+        lines: list[str] = []
+        blobs: list[str | int] = []
         for r in records:
-            head, blob = self.record(r, groups)
-            out.append(f"{head} {blob}")
-        return [len(groups), *groups, *out]
+            line, blob = self.record(r, groups)
+            lines.append(line)
+            blobs.append(blob)
+        return [len(groups), *groups, "".join(lines), *blobs]
 
     def record(self, r: PreferencePair | BufferedPair, groups: dict[str, int]) -> tuple[str, str]:
+        """The record's line (newline-terminated) and JSON; `groups` gains its group field if new."""
         r = cast(BufferedPair, r)  # (_AnchorEncoder handles bare pairs)
         field = f"{r.pool}|{'' if r.cycle is None else r.cycle}|{catkey(r.pair.category)}"
         g = groups.setdefault(field, len(groups) + 1)
         blob = r.__pydantic_serializer__.to_json(r, exclude=_NO_LOGPS).decode()
-        return f"{pair_id(r.pair)} {g} {r.created_at.timestamp():.6f}", blob
+        return f"{pair_id(r.pair)} {g} {r.created_at.timestamp():.6f}\n", blob
 
 
 class _AnchorEncoder(_Encoder):
@@ -874,7 +881,7 @@ class _AnchorEncoder(_Encoder):
             return super().record(BufferedPair.anchor(r, self._fingerprint, created_at=self._created_at), groups)
         g = groups.setdefault(f"anchor||{catkey(r.category)}", len(groups) + 1)
         blob = '{"pair":' + _PAIR_SERIALIZER.to_json(r).decode() + self._tail
-        return f"{pair_id(r)} {g} {self._time}", blob
+        return f"{pair_id(r)} {g} {self._time}\n", blob
 
 
 def _token() -> str:

@@ -1,0 +1,59 @@
+"""The buffer's fast write path stores exactly what the plain one would: ids, JSON, groups, times."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import datetime, timezone
+
+import pytest
+
+from buffer.config import BufferConfig
+from buffer.records import BufferedPair, InvalidRecord, pair_id
+from buffer.store import ReplayBuffer, _AnchorEncoder, _Encoder
+from offline.pairs import PreferencePair, content_hash
+
+ALPHABET = [chr(c) for c in range(0x80)] + ["\u2028", "\u2029", "\u0085", "\ufeff", "é", "中", "\U0001f600", "\U0010ffff"]
+
+
+@pytest.fixture
+def buf(redis_url: str) -> Iterator[ReplayBuffer]:
+    with ReplayBuffer.connect(BufferConfig(url=redis_url, fresh_capacity=1000)) as b:
+        yield b
+
+
+def test_pair_id_is_the_content_hash() -> None:
+    rng = random.Random(0)
+    for _ in range(5_000):
+        texts = ["".join(rng.choice(ALPHABET) for _ in range(rng.randint(1, 20))) for _ in range(3)]
+        p = PreferencePair.model_construct(prompt=texts[0], chosen=texts[1], rejected=texts[2])
+        assert pair_id(p) == content_hash(*texts) == p.content_id
+
+
+def test_anchor_encoding_matches_a_buffered_pair() -> None:
+    now = datetime.now(timezone.utc)
+    pairs = [
+        PreferencePair(prompt='a "q"\n\\ é', chosen="b\t", rejected="c\u2028", category="x|y z\n"),
+        PreferencePair(prompt="p", chosen="c", rejected="r", source_id="row-7"),
+    ]
+    fast = _AnchorEncoder('fp "1"', now).encode(pairs)
+    plain = _Encoder().encode([BufferedPair.anchor(p, 'fp "1"', created_at=now) for p in pairs])
+    assert fast == plain
+
+
+def test_seed_validates_every_pair_before_writing(buf: ReplayBuffer) -> None:
+    good = [PreferencePair(prompt=f"p{i}", chosen="c", rejected="r") for i in range(5)]
+    same = PreferencePair(prompt="p", chosen="same", rejected="same")
+    with pytest.raises(InvalidRecord, match="pair 5: .*identical"):
+        buf.seed_anchor([*good, same], "fp")
+    assert buf.count() == 0
+
+
+def test_a_pair_twice_in_one_write_is_added_once(buf: ReplayBuffer) -> None:
+    p = PreferencePair(prompt="p", chosen="c", rejected="r", category="math")
+    recs = [BufferedPair.fresh(p, cycle=1), BufferedPair.fresh(p, cycle=2)]
+    result = buf.add(recs)
+    assert (result.added, result.duplicates) == (1, 1)
+    [got] = buf.get([recs[0].id])
+    assert got == recs[0]
+    assert buf.stats().per_cycle == {1: 1}
