@@ -10,25 +10,28 @@ the records. `redis-benchmark -t set -n 100000 -q` on the same server gives the 
 "ratio" is buffer pairs/s over SET/s (each pair costs one script step of several commands).
 Targets: >= 20,000 pairs/s inserted, p99 <= 5 ms per 64-pair sample.
 
-Measured 2026-11-26 08:00-08:08 UTC, shared dev VM "vm" (2 vCPU AMD EPYC, Python 3.11.7,
-redis-py 8.1.0, Redis 7.0.15, local server, AOF everysec), while other engineers' jobs kept the
-load average at 4.4-5.7, so wall times mostly measure the neighbours (redis-benchmark SET reached
-only 13-43k req/s, far below what it usually reports on an idle core). Range over five runs:
+Measured 2026-11-26 09:14-09:20 UTC, shared dev VM "vm" (2 vCPU AMD EPYC, Python 3.11.7,
+redis-py 8.1.0, Redis 7.0.15, local server, AOF everysec), after the write-path rework (batched
+Lua writes, one argument per pair plus one for all ids, pydantic-core serialisation and hashing,
+no BufferedPair per anchor pair). Other jobs (a DPO benchmark, a pytest run, a Prefect server)
+kept the load average at 4.0-5.8 throughout, so wall times are roughly halved by the
+neighbours. The previous code (819c8f3, 3 runs) was run interleaved with the new (6 runs):
 
-    insert, all 100k (50k seeded + 10 x 5k atomic cycles)   4,000-10,500 pairs/s   (target 20,000)
-      anchor seed (5k-pair chunks, overlapped)               3,100-14,400 pairs/s
-      fresh cycles (one atomic script each)                  4,400-12,200 pairs/s
-      CPU per pair: client / redis-server                    36-48 / 30-45 us
-    sample(64), anchor_fraction 0.5, half-life 2 cycles      p50 2.4-8.0 ms, p99 6.5-22 ms (target 5)
-      CPU per sample: client / redis-server                  1.2-1.8 / 0.8-1.3 ms
-    insert / redis-benchmark SET ratio                        0.21-0.42
+                                                          before (819c8f3)     after
+    insert, all 100k (50k seeded + 10 x 5k atomic cycles)  5,982-7,458 /s      10,981-15,373 /s
+      anchor seed (5k-pair chunks, overlapped)              6,988-8,517 /s      14,246-23,783 /s
+      fresh cycles (one atomic script each)                 5,052-7,750 /s       8,933-12,504 /s
+      CPU per pair: client / redis-server                   40-45 / 33-37 us    16-18 / 17-22 us
+    sample(64) p50 / p99 (unchanged code)                   2.1-2.9 / 9.6-56 ms  1.9-3.9 / 8.2-31 ms
+    redis-benchmark SET                                     22-27k req/s         15-28k req/s
 
-Neither target was demonstrated here. Rough extrapolation from the CPU figures (themselves
-inflated by the contention): the overlapped seed path is bounded by the slower side, ~40 us per
-pair, i.e. ~25k pairs/s with a free core each for client and server; an atomic cycle write runs
-client then server, ~80 us per pair, i.e. ~12k pairs/s unless the quiet-machine CPU costs are
-well below these; ~2.5 ms of CPU per sample leaves room for p99 <= 5 ms. Unverified: rerun on a
-quiet machine before quoting any of these numbers.
+The 20,000 pairs/s target was not demonstrated here (the machine was never quiet), nor the p99
+target (sampling is untouched; a quiet run before this change gave p99 4.89 ms). From the CPU
+figures, which contention inflates too (the old code's were 37 / 30 us on a quiet machine): the
+seed is bounded by the slower side, ~20 us a pair, ~50k pairs/s; an atomic cycle runs client
+then server, ~35 us a pair, ~28k pairs/s; together ~35k pairs/s on two free cores, less the
+AOF rewrite (a forked child, ~25% of a core during the run). Rerun on a quiet machine before
+quoting these as met.
 """
 
 from __future__ import annotations

@@ -15,57 +15,20 @@ hash per reference, so a new reference never silently reuses another's numbers.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-import pydantic_core
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.table import Table
 
 from buffer.mixing import MixStats, Pool
-from offline.pairs import PreferencePair, content_hash
+from offline.pairs import PreferencePair
 
 LogpPair = tuple[float, float]  # (reference_chosen_logps, reference_rejected_logps), summed over tokens
 
 
-def pair_id(pair: PreferencePair) -> str:
-    """`pair.content_id`, about 5x faster (the buffer hashes every pair it writes).
-
-    `content_hash` hashes `json.dumps([prompt, chosen, rejected], ensure_ascii=False,
-    separators=(",", ":"))`, and Python's encoder costs ~10 us a pair; pydantic-core's JSON of the
-    same list is byte-identical (the same escapes for quotes, backslashes and control characters,
-    everything else raw UTF-8). `_FAST_ID` is checked against `content_hash` at import, so a
-    change there switches this back to `content_id` rather than splitting ids.
-    """
-    if _FAST_ID:
-        try:
-            blob = pydantic_core.to_json([pair.prompt, pair.chosen, pair.rejected])
-        except pydantic_core.PydanticSerializationError:
-            return pair.content_id  # (e.g. a lone surrogate: fails the same way there)
-        return hashlib.sha256(blob).hexdigest()[:32]
-    return pair.content_id
-
-
-def _fast_id_agrees() -> bool:
-    samples = [
-        ("p", "c", "r"),
-        ('quote " back \\ slash /', "tab\tnl\ncr\rbs\bff\f", "".join(map(chr, range(32))) + "\x7f"),
-        ("caf\u00e9 \u4e2d \U0001f600", "\u2028\u2029\u0085\ufeff", "\U0010ffff </script> &<>'"),
-    ]
-    try:
-        for prompt, chosen, rejected in samples:
-            blob = pydantic_core.to_json([prompt, chosen, rejected])
-            if hashlib.sha256(blob).hexdigest()[:32] != content_hash(prompt, chosen, rejected):
-                return False
-    except Exception:  # noqa: BLE001 - any surprise: use content_hash itself
-        return False
-    return True
-
-
-_FAST_ID = _fast_id_agrees()
 
 
 class InvalidRecord(ValueError):
@@ -116,7 +79,7 @@ class BufferedPair(BaseModel):
     @property
     def id(self) -> str:
         """The pair's content hash: the same pair has the same id in every pool and cycle."""
-        return pair_id(self.pair)
+        return self.pair.content_id
 
     @property
     def category(self) -> str | None:

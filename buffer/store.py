@@ -71,7 +71,6 @@ from buffer.records import (
     LogpPair,
     SeedResult,
     describe_error,
-    pair_id,
     validate_records,
 )
 from buffer.server import LocalRedis
@@ -832,8 +831,8 @@ class ReplayBuffer:
 class _Encoder:
     """Records as _ADD_LUA's arguments after the header: group count, group fields, the lines
     "<id> <group> <created_at epoch>" in one argument, then each record's JSON (~6 us a pair:
-    pydantic-core's serializer straight, not model_dump_json's Python wrapper around it, and
-    `pair_id`)."""
+    pydantic-core's serializer straight, not model_dump_json's Python wrapper around it, and the
+    content hash)."""
 
     def encode(self, records: Sequence[PreferencePair | BufferedPair]) -> list[str | int]:
         groups: dict[str, int] = {}
@@ -851,7 +850,7 @@ class _Encoder:
         field = f"{r.pool}|{'' if r.cycle is None else r.cycle}|{catkey(r.pair.category)}"
         g = groups.setdefault(field, len(groups) + 1)
         blob = r.__pydantic_serializer__.to_json(r, exclude=_NO_LOGPS).decode()
-        return f"{pair_id(r.pair)} {g} {r.created_at.timestamp():.6f}\n", blob
+        return f"{r.pair.content_id} {g} {r.created_at.timestamp():.6f}\n", blob
 
 
 class _AnchorEncoder(_Encoder):
@@ -881,7 +880,7 @@ class _AnchorEncoder(_Encoder):
             return super().record(BufferedPair.anchor(r, self._fingerprint, created_at=self._created_at), groups)
         g = groups.setdefault(f"anchor||{catkey(r.category)}", len(groups) + 1)
         blob = '{"pair":' + _PAIR_SERIALIZER.to_json(r).decode() + self._tail
-        return f"{pair_id(r)} {g} {self._time}\n", blob
+        return f"{r.content_id} {g} {self._time}\n", blob
 
 
 def _token() -> str:

@@ -186,6 +186,23 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+def _optimizer(
+    named: list[tuple[str, nn.Parameter]], cfg: TrainConfig, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW (decay on matrices only) and its warm-up + cosine schedule."""
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    # The fused kernel (CPU and CUDA) is several times faster than the default foreach one.
+    fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        fused=fused or None,
+    )
+    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+
+
 # --------------------------------------------------------------------------------------------
 # The loop.
 
@@ -245,17 +262,7 @@ def train(
         if isinstance(module, nn.Dropout):
             module.p = 0.0
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim >= 2]
-    no_decay = [p for n, p in named if p.ndim < 2]
-    # The fused kernel (CPU and CUDA) is several times faster than the default foreach one.
-    fused = all(p.device.type in ("cpu", "cuda") for _, p in named)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.learning_rate,
-        fused=fused or None,
-    )
-    warmup_steps = math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total_steps, warmup_steps))
+    optimizer, scheduler = _optimizer(named, cfg, total_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
     model, optimizer = accelerator.prepare(SequenceLogps(policy), optimizer)
     if reference_model is not None and reference_model is not policy:
@@ -309,20 +316,7 @@ def train(
         elapsed = time.perf_counter() - t0
         tokens += int(stats[6])
         seconds += elapsed
-        metrics = {
-            "step": step + 1,
-            "loss": stats[0] / n_pairs,
-            "rewards/chosen": stats[1] / n_pairs,
-            "rewards/rejected": stats[2] / n_pairs,
-            "rewards/margins": (stats[1] - stats[2]) / n_pairs,
-            "rewards/accuracies": stats[3] / n_pairs,
-            "logps/chosen": stats[4] / n_pairs,
-            "logps/rejected": stats[5] / n_pairs,
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-            "tokens_per_s": stats[6] / elapsed,
-            "epoch": (step + 1) / steps_per_epoch,
-        }
+        metrics = _step_metrics(stats, n_pairs, step + 1, steps_per_epoch, float(grad_norm), lr, elapsed)
         history.append(metrics)
         step_pair_ids.append([tokenized_train[j].pair_id for b in step_batches for j in b])
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
@@ -349,6 +343,27 @@ def train(
         tokens=tokens,
         seconds=seconds,
     )
+
+
+def _step_metrics(
+    stats: list[float], n_pairs: int, step: int, steps_per_epoch: int, grad_norm: float, lr: float,
+    seconds: float,
+) -> dict[str, float]:
+    loss, chosen, rejected, correct, logps_chosen, logps_rejected, tokens = stats
+    return {
+        "step": step,
+        "loss": loss / n_pairs,
+        "rewards/chosen": chosen / n_pairs,
+        "rewards/rejected": rejected / n_pairs,
+        "rewards/margins": (chosen - rejected) / n_pairs,
+        "rewards/accuracies": correct / n_pairs,
+        "logps/chosen": logps_chosen / n_pairs,
+        "logps/rejected": logps_rejected / n_pairs,
+        "grad_norm": grad_norm,
+        "lr": lr,
+        "tokens_per_s": tokens / seconds,
+        "epoch": step / steps_per_epoch,
+    }
 
 
 def _batch_loss(batch: PreferenceBatch, logps, ref_chosen, ref_rejected, loss_cfg: LossConfig):

@@ -72,7 +72,7 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
 @app.command()
 def offline(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run the offline baseline flow: data -> DPO -> evaluated, promoted checkpoint."""
-    cfg = _load(config, set_)
+    _load(config, set_)
     from orchestrator.flows import offline_baseline
 
     with _user_errors():

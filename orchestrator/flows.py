@@ -15,8 +15,7 @@ import hashlib
 import json
 import shutil
 import time
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -26,6 +25,9 @@ from offline import pipeline
 from offline.pointer import promote
 from orchestrator.artifacts import config_markdown, markdown_table, metrics_rows, sparkline
 from orchestrator.config import TetherConfig, load_config, redacted_dump
+
+if TYPE_CHECKING:
+    from online.cycle import CycleInputs, CycleReport
 
 
 def _task(name: str, **kw: Any):

@@ -23,7 +23,7 @@ from _tokenizers import byte_tokenizer
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from buffer.config import BufferConfig, PasswordInUrl
+from buffer.config import BufferConfig
 from buffer.records import BufferedPair, InvalidRecord
 from buffer.server import LocalRedis, resp_command
 from buffer.store import BufferUnavailable, ReplayBuffer

@@ -7,7 +7,6 @@ real redis-server.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
