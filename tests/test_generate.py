@@ -34,6 +34,7 @@ from online.prompts import (
 )
 
 MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt-bench" / "question.jsonl"
+needs_mt_bench = pytest.mark.skipif(not MT_BENCH.exists(), reason=f"real data not found at {MT_BENCH} (../shared beside the checkout)")
 WORDS = ["<pad>", "<eos>", "<unk>"] + "a b c d e f g h the cat dog sat ran on mat".split()
 EOS = 1
 
@@ -84,6 +85,7 @@ PROMPTS = [("the cat sat on", "animals"), ("a", None), ("b c d e f g h", "letter
 # ----------------------------------------------------------------------------- prompt pool
 
 
+@needs_mt_bench
 def test_mt_bench_pool_uses_first_turns_and_a_hash_split():
     raw = read_prompt_file(MT_BENCH)
     assert len(raw) == 80 and len({c for _, c in raw}) == 8
@@ -99,6 +101,7 @@ def test_mt_bench_pool_uses_first_turns_and_a_hash_split():
     assert len(pool.categories) == 8
 
 
+@needs_mt_bench
 def test_heldout_categories_are_held_out_whole():
     cfg = PromptPoolConfig(path=MT_BENCH, heldout_fraction=0.0, heldout_categories=("math",))
     pool = load_prompt_pool(cfg)
@@ -106,6 +109,7 @@ def test_heldout_categories_are_held_out_whole():
     assert all(c != "math" for _, c in pool.train) and len(pool.train) == 70
 
 
+@needs_mt_bench
 def test_sample_prompts_seeded_balanced_and_beyond_pool_size():
     pool = load_prompt_pool(PromptPoolConfig(path=MT_BENCH, heldout_fraction=0.0)).train
     a = sample_prompts(pool, 20, seed=1)
