@@ -27,7 +27,12 @@ train the same pairs, the tokens/s ratio is the pairs/s ratio. Tether computes a
 once, so it runs fewer tokens through the model than it is credited with; the FLOP column uses
 the tokens actually run: model FLOP/s = (6 x params + 2 x params if the reference runs) x
 tokens run / time, as a fraction of a measured fp32 matmul peak (best of 2048^3
-`torch.matmul`s on the same threads, before and after the variants). Also: peak RSS per variant.
+`torch.matmul`s on the same threads, before and after the variants). Also: peak RSS and process
+CPU seconds per step, per variant.
+
+On a shared machine, wall-clock figures with several threads swing by 2-4x from run to run (a
+thread descheduled by someone else's job stalls the others at every barrier); `--threads 1`
+gives stable ratios there. Compare only variants of the same run.
 """
 
 from __future__ import annotations
@@ -161,8 +166,13 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
     n_params = sum(p.numel() for p in policy.parameters())
     total = warmup + steps
     ends: list[float] = []  # wall time at the end of each optimizer step
+    cpu_ends: list[float] = []  # process CPU time (all threads) at the same moments
     tokens: list[int] = []  # each step's tokens as TRL counts them (prompt once per sequence)
     processed: list[int] = []  # each step's tokens actually put through the model
+
+    def clock() -> None:
+        ends.append(time.perf_counter())
+        cpu_ends.append(time.process_time())
 
     if variant.startswith("tether"):
         from offline.reference import ReferenceLogpCache, compute_reference_logps
@@ -182,7 +192,7 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
             kwargs["reference_model"] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 
         result = train(policy, tokenized, cfg=cfg, pad_token_id=tok.pad_token_id, progress=False,
-                       on_step=lambda metrics: ends.append(time.perf_counter()), **kwargs)
+                       on_step=lambda metrics: clock(), **kwargs)
         plan = [[tokenized[i] for b in step for i in b] for step in plan_steps(tokenized, cfg)]
         tokens = [sum(p.n_tokens for p in step) for step in plan]
         assert sum(tokens) == result.tokens
@@ -195,7 +205,7 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
 
         class Clock(TrainerCallback):
             def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
-                ends.append(time.perf_counter())
+                clock()
                 tokens.append(trainer._total_train_tokens - sum(tokens))
 
         os.environ["TQDM_DISABLE"] = "1"
@@ -218,6 +228,7 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
     times = [b - a for a, b in zip(ends[warmup - 1 : -1], ends[warmup:])] if warmup else []
     timed_tokens, timed_processed = tokens[warmup:total], processed[warmup:total]
     seconds = sum(times)
+    cpu_seconds = cpu_ends[-1] - cpu_ends[warmup - 1]
     flops_per_token = (6 + (2 if "ref-fwd" in variant else 0)) * n_params
     return {
         "variant": variant,
@@ -225,6 +236,7 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
         "tokens_per_step": statistics.mean(timed_tokens),
         "processed_per_step": statistics.mean(timed_processed),
         "seconds_per_step": seconds / len(times),
+        "cpu_seconds_per_step": cpu_seconds / len(times),
         "step_seconds": times,
         "tokens_per_s": sum(timed_tokens) / seconds,
         "pairs_per_s": PAIRS_PER_STEP * len(times) / seconds,
@@ -317,17 +329,20 @@ def report(rows: list[dict], peak: float, args: argparse.Namespace, model_dir: P
     print(f"# model {model_dir.name} ({rows[0]['params'] / 1e6:.1f}M params, fp32), "
           f"{PAIRS_PER_STEP} pairs/step, {args.steps} timed + {args.warmup} warm-up steps; "
           f"matmul peak {peak / 1e9:.1f} GFLOP/s; bench wall {wall:.0f} s")
-    print("| variant | tokens/step (model) | s/step | tokens/s | vs TRL | peak RSS MiB | model FLOP/s | of peak |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | tokens/step (model) | s/step | CPU s/step | tokens/s | vs TRL | peak RSS MiB "
+          "| model FLOP/s | of peak |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         family, _, kind = r["variant"].partition("/")
         peer = by.get("trl/" + ("ref-fwd" if kind.startswith("ref-fwd") else "precompute"))
         ratio = f"{r['tokens_per_s'] / peer['tokens_per_s']:.2f}x" if family == "tether" and peer else ""
         print(f"| {r['variant']} | {r['tokens_per_step']:.0f} ({r['processed_per_step']:.0f}) | "
-              f"{r['seconds_per_step']:.2f} | {r['tokens_per_s']:.1f} | {ratio} | {r['peak_rss_mib']:.0f} | "
+              f"{r['seconds_per_step']:.2f} | {r['cpu_seconds_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
+              f"{ratio} | {r['peak_rss_mib']:.0f} | "
               f"{r['model_flops_per_s'] / 1e9:.1f} G | {r['model_flops_per_s'] / peak:.0%} |")
     print("tokens/step: TRL's count (prompt once per sequence); (model): tokens actually run through "
-          "the model, which the FLOP column uses.")
+          "the model, which the FLOP column uses. CPU s/step: process CPU time, all threads; far above "
+          "s/step x threads means the threads waited on each other (a loaded machine).")
 
 
 if __name__ == "__main__":

@@ -186,12 +186,20 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if hasattr(model, "get_base_model"):  # peft.PeftModel: LoRA layers live inside the base model
         model = model.get_base_model()
     head = model.get_output_embeddings()
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"{type(model).__name__}'s output embedding is not an nn.Linear; unsupported")
+    if not isinstance(head, nn.Linear):  # e.g. a LoRA adapter on lm_head, whose delta we'd ignore
+        raise TypeError(
+            f"{type(model).__name__}'s LM head is a {type(head).__name__}, not an nn.Linear: "
+            "remove 'lm_head' from the LoRA target_modules"
+        )
     text_config = model.config.get_text_config()
     for attr in ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier"):
         if getattr(text_config, attr, None) not in (None, 1.0):
-            raise NotImplementedError(f"{type(model).__name__} rescales its logits ({attr}); unsupported")
+            # Response-only log-probs apply lm_head by hand; a model that rescales its logits
+            # afterwards would get silently wrong numbers, so refuse it by name.
+            raise ValueError(
+                f"{type(model).__name__} rescales its logits ({attr}={getattr(text_config, attr)}): "
+                "tether's response-only log-probs do not support such models"
+            )
     return model.base_model, head
 
 

@@ -151,10 +151,23 @@ def micro_batches(
 
 
 def plan_steps(
-    pairs: Sequence[TokenizedPair], cfg: TrainConfig, num_processes: int = 1
+    pairs: Sequence[TokenizedPair],
+    cfg: TrainConfig,
+    num_processes: int = 1,
+    share_prompt: bool | None = None,
 ) -> list[list[list[int]]]:
-    """steps -> micro-batches (all processes) -> pair indices, over all epochs, cut at max_steps."""
-    lengths = [p.n_tokens for p in pairs]
+    """steps -> micro-batches (all processes) -> pair indices, over all epochs, cut at max_steps.
+
+    Length grouping sorts by the length of the rows the layout builds (`share_prompt`, default
+    `cfg.share_prompt`): prompt + chosen + rejected when the prompt is shared, else prompt + the
+    longer response.
+    """
+    shared = cfg.share_prompt if share_prompt is None else share_prompt
+    lengths = [
+        len(p.prompt_ids) + (len(p.chosen_ids) + len(p.rejected_ids) if shared
+                             else max(len(p.chosen_ids), len(p.rejected_ids)))
+        for p in pairs
+    ]
     per_step = cfg.grad_accum_steps * num_processes
     steps: list[list[list[int]]] = []
     for epoch in range(cfg.epochs):
@@ -251,7 +264,8 @@ def train(
     device, n_proc, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
     torch.manual_seed(cfg.seed)
 
-    plan = plan_steps(tokenized_train, cfg, n_proc)
+    share_prompt = cfg.share_prompt and supports_shared_prompt(policy)
+    plan = plan_steps(tokenized_train, cfg, n_proc, share_prompt)
     total_steps = len(plan)
     micro_per_epoch = math.ceil(len(tokenized_train) / cfg.batch_size)
     steps_per_epoch = math.ceil(micro_per_epoch / (cfg.grad_accum_steps * n_proc))
@@ -268,7 +282,6 @@ def train(
     if reference_model is not None and reference_model is not policy:
         reference_model.to(device)
 
-    share_prompt = cfg.share_prompt and supports_shared_prompt(policy)
     history: list[dict[str, float]] = []
     step_pair_ids: list[list[str]] = []
     start_step, tokens, seconds, resumed_from = 0, 0, 0.0, None
