@@ -38,7 +38,6 @@ gives stable ratios there. Compare only variants of the same run.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import importlib.util
 import json
@@ -280,7 +279,7 @@ def _timed(fn) -> float:  # noqa: ANN001
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per variant")
+    ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps per variant")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (>= 1)")
     ap.add_argument("--model", choices=("smollm2", "tiny"), default="smollm2")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)

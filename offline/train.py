@@ -23,13 +23,15 @@ Dropout (`nn.Dropout`) is switched off in the policy, as TRL does: the implicit 
 policy and reference log-probs, which dropout noise would bias.
 
 Multi-GPU: the loop runs under `accelerate.Accelerator`, so the same code runs one process on CPU
-or GPU, or data-parallel under a launcher, e.g.
+or GPU, or data-parallel when its entry point is started by a launcher, e.g.
 
-    accelerate launch --multi_gpu --num_processes 4 -m orchestrator.cli offline ...
+    accelerate launch --multi_gpu --num_processes 4 train_script.py   # calls train(...)
 
 (DDP; each process takes every N-th micro-batch of a step; a final step with fewer micro-batches
-than processes is dropped). Resume snapshots hold full trainable weights, so they need replicated
-parameters (single process or DDP), not FSDP sharding.
+than processes is dropped; metrics are summed over processes; only rank 0 shows the progress
+bar and writes snapshots; I/O around `train`, e.g. checkpoints, is the caller's to guard).
+Resume snapshots hold full trainable weights, so they need replicated parameters (single
+process or DDP), not FSDP sharding. Only the single-process CPU path is tested here.
 
 Resume after a kill: with `resume_dir` and `cfg.save_every`, every `save_every` steps the loop
 writes a snapshot (trainable weights and optimizer tensors as safetensors, scalars/step/RNG/
@@ -49,7 +51,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
