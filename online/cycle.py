@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -452,7 +453,5 @@ def run_cycle(
         "completed": index, "anchor_fraction": mix_next.anchor_fraction, "beta": mix_next.beta,
         "history": history[-200:],
     })
-    import shutil
-
     shutil.rmtree(resume_dir, ignore_errors=True)
     return report

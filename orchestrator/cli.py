@@ -34,16 +34,14 @@ SetOpt = typer.Option(None, "--set", help="Override a setting: section.field=val
 
 def parse_sets(sets: list[str] | None) -> dict[str, Any]:
     """`["train.loss.beta=0.2"]` -> `{"train": {"loss": {"beta": "0.2"}}}` (pydantic coerces)."""
+    from orchestrator.config import set_dotted
+
     out: dict[str, Any] = {}
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--set expects section.field=value, got {item!r}")
-        node = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
+        set_dotted(out, key, value)
     return out
 
 

@@ -105,6 +105,15 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raise ConfigError("\n".join(lines)) from None
 
 
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """`tree["a"]["b"]["c"] = value` for key "a.b.c", creating the dicts on the way (overrides)."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():

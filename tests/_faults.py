@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator.config import set_dotted
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 
@@ -44,11 +46,7 @@ def small_overrides(state_dir: Path, redis_url: str | None = None, **extra: Any)
     if redis_url:
         o["buffer"] = {"url": redis_url}
     for key, value in extra.items():
-        node = o
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_dotted(o, key, value)
     return o
 
 

@@ -22,6 +22,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from offline.checkpoint import is_complete, read_lineage  # noqa: E402
 from offline.pointer import read_current  # noqa: E402
 from orchestrator import flows  # noqa: E402
+from orchestrator.config import set_dotted  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -53,11 +54,7 @@ def overrides(state_dir: Path, redis_url: str | None = None, **extra) -> dict:
     if redis_url:
         o["buffer"] = {"url": redis_url}
     for key, value in extra.items():
-        node = o
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_dotted(o, key, value)
     return o
 
 
