@@ -4,11 +4,16 @@
 
 Both variants do identical work: before every run the buffer is emptied and the pointer reset to
 the same offline checkpoint, so each run is "cycle 1" with the same seeds. The plain variant
-calls `online.cycle.run_cycle` directly; the flow variant calls the `refresh-cycle` flow (each
-step a task run, artifacts written, ephemeral Prefect API already started by a warm-up flow, so
-the one-time ~3 s server start is reported separately, not charged to every cycle). The table
-prints the median wall time per stage and overall, and the orchestration overhead
-(flow / plain - 1); target <= 10%.
+loads the config and calls `online.cycle.run_cycle_locked` (the cycle under its Redis lock)
+directly; the flow variant calls the `refresh-cycle` flow, which does the same plus a task run
+per step and three artifacts (ephemeral Prefect API already started by a warm-up flow, so the
+one-time server start is reported separately, not charged to every cycle; heartbeats off, as
+`tether cycle` runs with no server). The table prints the median wall time per stage and
+overall, the CPU seconds the Prefect API process spent per cycle (it competes with torch for
+the cores), and the orchestration overhead (flow / plain - 1); target <= 10%.
+
+`--set online.train_pairs=512` etc. measure a larger cycle: the overhead is a fixed cost per
+cycle (per task run and artifact), so its share falls as the cycle grows.
 """
 
 from __future__ import annotations
@@ -25,14 +30,30 @@ sys.path.insert(0, str(ROOT))
 os.chdir(ROOT)
 
 
+def api_cpu_seconds() -> float:
+    """CPU seconds used so far by this process's children (the ephemeral Prefect API server;
+    redis-server too, which both variants use alike)."""
+    import psutil
+
+    total = 0.0
+    for child in psutil.Process().children(recursive=True):
+        try:
+            t = child.cpu_times()
+            total += t.user + t.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--state-dir", type=Path, default=ROOT / ".tether" / "bench-cycle")
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="section.field=value override")
     args = ap.parse_args()
 
-    from orchestrator.runtime import configure_prefect
+    from orchestrator.runtime import configure_prefect, serverless_flow_settings
 
     configure_prefect(args.state_dir)
     from prefect import flow
@@ -44,10 +65,16 @@ def main() -> None:
     from offline.pointer import read_current
     from online.cycle import run_cycle
     from orchestrator import flows
-    from orchestrator.config import load_config
+    from orchestrator.config import load_config, set_dotted
+    from online.cycle import run_cycle_locked
 
-    with LocalRedis(args.state_dir / "redis-bench", appendfsync="everysec") as redis:
-        overrides = {"state_dir": str(args.state_dir), "buffer": {"url": redis.url}}
+    # As `tether cycle` runs it with no server: flow-run heartbeats off (orchestrator.runtime).
+    with serverless_flow_settings(), LocalRedis(args.state_dir / "redis-bench", appendfsync="everysec") as redis:
+        overrides: dict = {}
+        for item in args.sets:
+            key, _, value = item.partition("=")
+            set_dotted(overrides, key, value)
+        overrides = {**overrides, "state_dir": str(args.state_dir), "buffer": {"url": redis.url}}
         cfg = load_config(args.config, overrides)
         t0 = time.perf_counter()
         if read_current(cfg.state_dir, cfg.name) is None:
@@ -71,21 +98,26 @@ def main() -> None:
         for i in range(args.repeats):
             for variant in ("plain", "flow"):
                 reset()
+                time.sleep(1.0)  # let the API process finish the previous run's events
+                api0 = api_cpu_seconds()
                 t = time.perf_counter()
                 if variant == "plain":
-                    rep = run_cycle(flows.cycle_inputs(cfg), buf, progress=False).model_dump()
+                    rep = run_cycle_locked(flows.cycle_inputs(load_config(args.config, overrides)), buf, progress=False).model_dump()
                 else:
                     rep = flows.refresh_cycle(args.config, overrides, run_label=f"bench-{i}", progress=False)
                 wall = time.perf_counter() - t
+                time.sleep(1.0)
+                api = api_cpu_seconds() - api0
                 assert rep["index"] == 1, rep["index"]
-                results[variant].append({**rep["seconds"], "total": wall})
-                print(f"  run {i + 1} {variant:5s}: {wall:6.1f} s", flush=True)
+                results[variant].append({**rep["seconds"], "total": wall, "child cpu": api})
+                print(f"  run {i + 1} {variant:5s}: {wall:6.2f} s  (child processes CPU {api:.2f} s: Prefect API, redis)", flush=True)
         reset()
         buf.close()
 
-    stages = ["load", "eval", "generate", "judge", "buffer", "reference", "train", "checkpoint", "total"]
+    stages = ["load", "eval", "generate", "judge", "buffer", "reference", "train", "checkpoint", "total", "child cpu"]
     med = {v: {s: statistics.median(r.get(s, 0.0) for r in rs) for s in stages} for v, rs in results.items()}
-    print(f"\nrefresh cycle, demo config, median of {args.repeats} (seconds; Prefect API start-up {startup:.1f} s once)")
+    label = Path(args.config).name + (" " + " ".join(args.sets) if args.sets else "")
+    print(f"\nrefresh cycle, {label}, median of {args.repeats} (seconds; Prefect API start-up {startup:.1f} s once)")
     print(f"{'stage':12s} {'plain':>8s} {'flow':>8s}")
     for s in stages:
         print(f"{s:12s} {med['plain'][s]:8.2f} {med['flow'][s]:8.2f}")

@@ -32,7 +32,9 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
+import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -174,16 +176,24 @@ def demo_prompt_pool() -> list[tuple[str, str]]:
 
 
 def write_demo_dataset(path: Path, n: int = 3000, seed: int = 0) -> Path:
-    """Write `n` covered-category pairs as JSONL (prompt/chosen/rejected/category/id), atomically."""
+    """Write `n` covered-category pairs as JSONL (prompt/chosen/rejected/category/id), atomically.
+
+    Each writer has its own temp file: two processes that find the file missing at once (two
+    cycles racing for the lock) both write the same bytes and the last rename wins.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for p in make_demo_pairs(n, COVERED_CATEGORIES, seed):
-            row = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
-                   "category": p.category, "id": p.source_id}
-            fh.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            for p in make_demo_pairs(n, COVERED_CATEGORIES, seed):
+                row = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                       "category": p.category, "id": p.source_id}
+                fh.write(json.dumps(row) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

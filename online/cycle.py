@@ -43,7 +43,7 @@ from online.controller import ControllerConfig, next_mix
 from online.gate import EvalSummary, GateConfig, decide_promotion
 from online.generate import GenerationConfig, build_generator
 from online.judge import JudgeConfig, build_judge, load_callable
-from online.kl import estimate_kl
+from online.kl import KLEstimate, estimate_kl
 from online.prompts import Prompt, PromptPoolConfig, load_prompt_pool, sample_prompts
 from online.types import Generation, JudgeStats
 
@@ -227,6 +227,31 @@ def draw_training_set(buffer, n: int, anchor_fraction: float, seed: int) -> tupl
     return [p.pair for p in batch.pairs], batch.stats.metrics()
 
 
+@dataclass
+class BufferUpdate:
+    """What the buffer step did: anchor seeding, this cycle's write, and the mixed draw."""
+
+    anchor: dict[str, Any]
+    added: dict[str, Any]
+    pairs: list[PreferencePair]
+    mix: dict[str, float]
+
+
+def update_buffer(
+    buffer, data_cfg: DataConfig, tokenizer, judgments: list, cycle: int, policy_version: str,
+    n: int, anchor_fraction: float, seed: int,
+) -> BufferUpdate:
+    """Anchor seeded (idempotent) -> this cycle's pairs in one atomic write -> the mixed draw.
+
+    One step (one task run) for the three buffer operations: each is milliseconds, and a task
+    run costs the Prefect API more than that.
+    """
+    anchor = seed_anchor(buffer, data_cfg, tokenizer)
+    added = add_fresh_pairs(buffer, judgments, cycle, policy_version)
+    pairs, mix = draw_training_set(buffer, n, anchor_fraction, seed)
+    return BufferUpdate(anchor=anchor, added=added, pairs=pairs, mix=mix)
+
+
 def reference_logps_for(
     reference_dir: Path, pairs: list, data_cfg: DataConfig, tokenizer, cache_dir: Path, batch_size: int,
     device: torch.device, progress: bool,
@@ -327,6 +352,29 @@ def measure_kl(policy: LoadedPolicy, reference_dir: Path, prompts: list[Prompt],
     return estimate_kl(policy.model, ref, policy.tokenizer, prompts, n_samples, max_new_tokens, seed)
 
 
+def evaluate_current(
+    policy: LoadedPolicy, prompts: list[Prompt], online: OnlineConfig,
+    scorer: Callable[[list[tuple[str, str]]], list[float]] | None, seed: int,
+) -> tuple[list[Generation], EvalSummary]:
+    """The current policy on the held-out prompts: its samples (kept, to pair with the
+    candidate's) and their reward; with no scorer (LLM judge) it is the 0.5 baseline."""
+    samples = sample_eval(policy, prompts, online.generation, online.eval_samples, seed)
+    return samples, (reward_summary(samples, scorer) if scorer else even_summary(samples))
+
+
+def evaluate_candidate(
+    policy: LoadedPolicy, prompts: list[Prompt], current_samples: list[Generation],
+    scorer: Callable[[list[tuple[str, str]]], list[float]] | None, reference_dir: Path,
+    kl_prompts: list[Prompt], online: OnlineConfig, seed: int, kl_seed: int,
+) -> tuple[EvalSummary, KLEstimate]:
+    """The trained candidate: reward (or win rate against the current policy's samples, same
+    prompts and seed) and KL(pi || pi_0) from its own samples."""
+    samples = sample_eval(policy, prompts, online.generation, online.eval_samples, seed)
+    after = reward_summary(samples, scorer) if scorer else win_rate_summary(samples, current_samples, online.judge)
+    kl = measure_kl(policy, reference_dir, kl_prompts, online.kl_samples, online.generation.max_new_tokens, kl_seed)
+    return after, kl
+
+
 def finite(metrics: dict[str, Any]) -> dict[str, float]:
     """Numeric entries that are finite (NaN standard errors etc. are left out of JSON state)."""
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
@@ -387,22 +435,24 @@ def run_cycle(
         if not eval_prompts:
             raise ValueError("the prompt pool has no held-out prompts to evaluate on: raise prompts.heldout_fraction")
     by_reward = online.gate.metric == "reward"
+    scorer = make_scorer(online.judge) if by_reward else None
     with _timed(seconds, "eval"):
-        scorer = make_scorer(online.judge) if by_reward else None
-        current_samples = step("sample-eval-current", sample_eval)(policy, eval_prompts, online.generation, online.eval_samples, seed + 7)
-        before = step("score-current", reward_summary)(current_samples, scorer) if by_reward else even_summary(current_samples)
+        current_samples, before = step("evaluate-current", evaluate_current)(
+            policy, eval_prompts, online, scorer, seed + 7,
+        )
     with _timed(seconds, "generate"):
         prompts = sample_prompts(pool.train, online.prompts.sample_per_cycle, seed, balanced=online.prompts.category_balanced)
         generations = step("generate", generate)(policy, online.generation, prompts, seed, parent.id)
     with _timed(seconds, "judge"):
         judgments, jstats = step("judge", judge)(online.judge, generations)
     with _timed(seconds, "buffer"):
-        anchor = step("seed-anchor", seed_anchor)(buffer, inputs.data, policy.tokenizer)
-        added = step("add-fresh-pairs", add_fresh_pairs)(buffer, judgments, index, parent.id)
-        pairs, mix = step("draw-training-set", draw_training_set)(buffer, online.train_pairs, state["anchor_fraction"], seed)
+        mixed = step("update-buffer", update_buffer)(
+            buffer, inputs.data, policy.tokenizer, judgments, index, parent.id,
+            online.train_pairs, state["anchor_fraction"], seed,
+        )
     with _timed(seconds, "reference"):
         toks, ref = step("reference-logps", reference_logps_for)(
-            reference_dir, pairs, inputs.data, policy.tokenizer, state_dir / "cache" / "reference-logps",
+            reference_dir, mixed.pairs, inputs.data, policy.tokenizer, state_dir / "cache" / "reference-logps",
             train_cfg.reference_batch_size, policy.model.device, progress,
         )
     with _timed(seconds, "train"):
@@ -413,14 +463,9 @@ def run_cycle(
         resume_dir = state_dir / "resume" / f"cycle-{name}-{index}-{parent.id[:8]}"
         result = step("train", train_policy)(policy, toks, ref, cycle_cfg, resume_dir, None, progress)
     with _timed(seconds, "eval"):
-        candidate_samples = step("sample-eval-candidate", sample_eval)(policy, eval_prompts, online.generation, online.eval_samples, seed + 7)
-        if by_reward:
-            after = step("score-candidate", reward_summary)(candidate_samples, scorer)
-        else:
-            after = step("judge-candidate-vs-current", win_rate_summary)(candidate_samples, current_samples, online.judge)
-        kl = step("measure-kl", measure_kl)(
-            policy, reference_dir, list(pool.heldout[: online.kl_prompts]), online.kl_samples,
-            online.generation.max_new_tokens, seed + 11,
+        after, kl = step("evaluate-candidate", evaluate_candidate)(
+            policy, eval_prompts, current_samples, scorer, reference_dir, list(pool.heldout[: online.kl_prompts]),
+            online, seed + 7, seed + 11,
         )
     budget = online.controller.kl_budget
     decision = decide_promotion(after, before, kl.sequence, budget, online.gate)
@@ -429,7 +474,7 @@ def run_cycle(
     with _timed(seconds, "checkpoint"):
         ckpt = step("save-checkpoint", save_policy)(
             policy, state_dir / "checkpoints" / name, f"cycle-{index:04d}-{parent.id[:8]}",
-            kind="cycle", fingerprint=anchor["fingerprint"], config=inputs.config_dump, parent=parent,
+            kind="cycle", fingerprint=mixed.anchor["fingerprint"], config=inputs.config_dump, parent=parent,
             seed=cycle_cfg.seed, result=result,
             # A re-run of a cycle that died after saving (same index and parent) replaces the
             # unpromoted checkpoint atomically instead of failing forever.
@@ -444,7 +489,7 @@ def run_cycle(
         checkpoint=ckpt.model_dump(mode="json"), parent=parent.model_dump(mode="json"),
         kl=finite(kl.metrics()), kl_budget=budget,
         before={"mean": before.mean, **before.per_category}, after={"mean": after.mean, **after.per_category},
-        judge=finite(jstats.metrics()), mix={**finite(mix), "pairs_added": float(added.get("added", 0))},
+        judge=finite(jstats.metrics()), mix={**finite(mixed.mix), "pairs_added": float(mixed.added.get("added", 0))},
         next_anchor_fraction=mix_next.anchor_fraction, next_beta=mix_next.beta,
         controller_reason=mix_next.reason, train=train_metrics, seconds=seconds,
     )
@@ -455,3 +500,24 @@ def run_cycle(
     })
     shutil.rmtree(resume_dir, ignore_errors=True)
     return report
+
+
+def run_cycle_locked(
+    inputs: CycleInputs,
+    buffer,
+    *,
+    step: Callable[[str, F], F] = identity_step,
+    progress: bool = True,
+    on_acquired: Callable[[], None] | None = None,
+) -> CycleReport:
+    """`run_cycle` under the family's cycle lock (Redis, TTL + heartbeat), so exactly one
+    cycle trains at a time. Raises `buffer.lock.LockHeld` when another cycle holds the lock
+    (`on_busy: skip`) or it was not freed within `wait_timeout_s` (`on_busy: wait`)."""
+    online = inputs.online
+    with buffer.lock(
+        f"cycle:{inputs.name}", ttl_s=online.lock_ttl_s, blocking=online.on_busy == "wait",
+        timeout_s=online.wait_timeout_s, heartbeat_s=max(1.0, online.lock_ttl_s / 3),
+    ):
+        if on_acquired is not None:
+            on_acquired()
+        return run_cycle(inputs, buffer, step=step, progress=progress)

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.runtime import configure_prefect, state_dir_from_env
+from orchestrator.runtime import configure_prefect, serverless_flow_settings, state_dir_from_env
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 data_app = typer.Typer(no_args_is_help=True, help="Inspect preference datasets.")
@@ -73,7 +73,7 @@ def offline(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> Non
     _load(config, set_)
     from orchestrator.flows import offline_baseline
 
-    with _user_errors():
+    with _user_errors(), serverless_flow_settings():
         out = offline_baseline(config_path=str(config), overrides=parse_sets(set_))
     print_metrics("offline baseline", out["metrics"])
     console.print(f"checkpoint: [bold]{out['checkpoint']['path']}[/bold]")
@@ -146,7 +146,7 @@ def demo(
     _load(config, set_)
     from orchestrator.flows import hybrid_demo
 
-    with _user_errors():
+    with _user_errors(), serverless_flow_settings():
         out = hybrid_demo(config_path=str(config), overrides=parse_sets(set_), cycles=cycles)
     print_stages(out["stages"])
     console.print(f"covered categories (in the static dataset): {', '.join(out['covered'])}")
@@ -159,7 +159,7 @@ def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     _load(config, set_)
     from orchestrator.flows import refresh_cycle
 
-    with _user_errors():
+    with _user_errors(), serverless_flow_settings():
         out = refresh_cycle(config_path=str(config), overrides=parse_sets(set_))
     if out.get("skipped"):
         console.print(f"[yellow]skipped:[/yellow] {out['reason']}")
@@ -260,7 +260,7 @@ def report(
     _load(config, set_)
     from orchestrator.report import run_report
 
-    with _user_errors():
+    with _user_errors(), serverless_flow_settings():
         res = run_report(str(config), parse_sets(set_), cycles, out)
     print_stages(res["stages"])
     table = Table(title="claims")

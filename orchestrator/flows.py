@@ -11,15 +11,17 @@ Call `orchestrator.runtime.configure_prefect()` before importing this module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import opaque
 
 from offline import pipeline
 from offline.pointer import promote
@@ -29,9 +31,28 @@ from orchestrator.config import TetherConfig, load_config, redacted_dump
 if TYPE_CHECKING:
     from online.cycle import CycleInputs, CycleReport
 
+F = TypeVar("F", bound=Callable[..., Any])
 
-def _task(name: str, **kw: Any):
-    return task(name=name, cache_policy=NO_CACHE, **kw)
+
+def _task(name: str) -> Callable[[F], F]:
+    """Decorator: `fn` as a named Prefect task run whose arguments Prefect does not walk.
+
+    Prefect walks every task argument looking for upstream futures and states (to draw the
+    run graph); our steps pass models, token tensors and thousands of pairs, and that walk
+    cost ~1 s per demo cycle, a third of the cycle itself. `opaque` keeps the top-level check
+    (an argument that is another task's result still links the two runs) and skips the rest.
+    """
+
+    def wrap(fn: F) -> F:
+        as_prefect_task = task(name=name, cache_policy=NO_CACHE)(fn)
+
+        @functools.wraps(fn)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return as_prefect_task(*(opaque(a) for a in args), **{k: opaque(v) for k, v in kwargs.items()})
+
+        return call  # type: ignore[return-value]
+
+    return wrap
 
 
 load_policy_task = _task("load-policy")(pipeline.load_initial_policy)
@@ -166,9 +187,11 @@ def offline_baseline(
 # -- online refresh cycles ------------------------------------------------------------------------
 
 
-def as_task(name: str, fn):
-    """The `step` hook of `online.cycle.run_cycle` inside a flow: each step a named task run."""
-    return task(name=name, cache_policy=NO_CACHE)(fn)
+@functools.cache
+def as_task(name: str, fn: F) -> F:
+    """The `step` hook of `online.cycle.run_cycle` inside a flow: each step a named task run
+    (built once per step: building a task reads the function's source)."""
+    return _task(name)(fn)
 
 
 def cycle_inputs(cfg: TetherConfig) -> "CycleInputs":
@@ -233,18 +256,13 @@ def run_refresh(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
     """One refresh cycle under the cycle lock (skips, and says so, when another one holds it)."""
     from buffer.lock import LockHeld
     from buffer.store import open_buffer
-    from online.cycle import run_cycle
+    from online.cycle import run_cycle_locked
 
     logger = get_run_logger()
     inputs = cycle_inputs(cfg)
-    online = inputs.online
     with open_buffer(cfg.buffer, cfg.state_dir) as buf:
         try:
-            with buf.lock(
-                f"cycle:{cfg.name}", ttl_s=online.lock_ttl_s, blocking=online.on_busy == "wait",
-                timeout_s=online.wait_timeout_s, heartbeat_s=max(1.0, online.lock_ttl_s / 3),
-            ):
-                report = run_cycle(inputs, buf, step=as_task, progress=progress)
+            report = run_cycle_locked(inputs, buf, step=as_task, progress=progress)
         except LockHeld as exc:
             logger.warning("skipping this cycle: another refresh cycle is running (%s)", exc)
             create_markdown_artifact(f"# Cycle skipped\n\n{exc}", key="refresh-cycle-skipped")

@@ -10,7 +10,9 @@ local API) show up when `tether ui` later starts `prefect server start` on the s
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 DEFAULT_STATE_DIR = Path(".tether")
 
@@ -39,3 +41,22 @@ def configure_prefect(state_dir: Path | None = None) -> Path:
     # The ephemeral API prints a banner on every start; keep the CLI output readable.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
     return home
+
+
+@contextmanager
+def serverless_flow_settings() -> Iterator[None]:
+    """Flow-run heartbeats off while no Prefect server is configured (`PREFECT_API_URL` unset).
+
+    A heartbeat lets a server mark a crashed run; with no server, the temporary local API
+    lives and dies with this process, so nobody could act on one. It is not free: the
+    heartbeat thread sleeps in 1 s steps and every flow run joins it on exit (~0.5-1 s per
+    run, more than all of a demo cycle's task runs together). Against a real server (`tether
+    ui`, a served schedule) heartbeats stay on. Import prefect only after `configure_prefect`.
+    """
+    from prefect.settings import get_current_settings, temporary_settings
+
+    if get_current_settings().api.url:
+        yield
+        return
+    with temporary_settings(updates={"flows.heartbeat_frequency": None}):
+        yield

@@ -100,17 +100,11 @@ def plain_inputs(cfg):
 def locked_cycle(cfg, buf, step: Callable | None = None, on_acquired: Callable[[], None] | None = None):
     """One plain cycle under the cycle lock, as `run_refresh` takes it; None when skipped."""
     from buffer.lock import LockHeld
-    from online.cycle import identity_step, run_cycle
+    from online.cycle import identity_step, run_cycle_locked
 
-    online = cfg.online
     try:
-        with buf.lock(
-            f"cycle:{cfg.name}", ttl_s=online.lock_ttl_s, blocking=online.on_busy == "wait",
-            timeout_s=online.wait_timeout_s, heartbeat_s=max(1.0, online.lock_ttl_s / 3),
-        ):
-            if on_acquired is not None:
-                on_acquired()
-            return run_cycle(plain_inputs(cfg), buf, step=step or identity_step, progress=False)
+        return run_cycle_locked(plain_inputs(cfg), buf, step=step or identity_step, progress=False,
+                                on_acquired=on_acquired)
     except LockHeld:
         return None
 
@@ -120,6 +114,36 @@ def hook(name: str, wrap: Callable[[Callable], Callable]) -> Callable[[str, Call
 
     def step(step_name: str, fn: Callable) -> Callable:
         return wrap(fn) if step_name == name else fn
+
+    return step
+
+
+class _AddSpy:
+    """The buffer as a cycle sees it, with `add` (the cycle's one atomic write) wrapped."""
+
+    def __init__(self, buffer: Any, around: Callable[[Callable, list], Any]) -> None:
+        self._buffer, self._around = buffer, around
+
+    def add(self, records: list) -> Any:
+        return self._around(self._buffer.add, records)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._buffer, name)
+
+
+def around_fresh_add(around: Callable[[Callable, list], Any]) -> Callable[[str, Callable], Callable]:
+    """A `step` hook for `run_cycle`: `around(add, records)` runs in place of the buffer write
+    of this cycle's fresh pairs (inside the `update-buffer` step), e.g. to kill Redis before
+    or after it; `add(records)` returning means Redis acknowledged the write."""
+
+    def step(step_name: str, fn: Callable) -> Callable:
+        if step_name != "update-buffer":
+            return fn
+
+        def wrapped(buffer: Any, *a: Any, **k: Any) -> Any:
+            return fn(_AddSpy(buffer, around), *a, **k)
+
+        return wrapped
 
     return step
 

@@ -37,7 +37,7 @@ def main() -> None:
         out.write(json.dumps({"event": event, "t": time.time(), **data}) + "\n")
         out.flush()
 
-    from _faults import CONFIG, locked_cycle
+    from _faults import CONFIG, around_fresh_add, locked_cycle
 
     import offline.checkpoint as checkpoint
     from buffer.store import ReplayBuffer
@@ -55,13 +55,16 @@ def main() -> None:
 
         checkpoint._fsync_dir = hang
 
+    def announce(add, records):
+        result = add(records)  # returned = acknowledged by Redis
+        emit("added", ids=[r.pair.content_id for r in records], result=result.model_dump(mode="json"))
+        return result
+
+    spy = around_fresh_add(announce)
+
     def step(name: str, fn):
-        if name == "add-fresh-pairs":
-            def add(buffer, judgments, *a, **k):
-                result = fn(buffer, judgments, *a, **k)  # returned = acknowledged by Redis
-                emit("added", ids=[j.to_pair().content_id for j in judgments], result=result)
-                return result
-            return add
+        if name == "update-buffer":
+            return spy(name, fn)
         if name == "train":
             def train(*a, **k):
                 result = fn(*a, **k)

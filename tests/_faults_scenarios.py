@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from _faults import ROOT, FaultRow, checkpoint_dirs, hook, locked_cycle, prepare_state, small_overrides
+from _faults import ROOT, FaultRow, around_fresh_add, checkpoint_dirs, hook, locked_cycle, prepare_state, small_overrides
 
 HERE = Path(__file__).resolve().parent
 DRIVER = HERE / "_faults_cycle.py"
@@ -261,20 +261,18 @@ def redis_kill_in_cycle(work: Path, when: str) -> FaultRow:
     pointer_before = read_current(cfg.state_dir, cfg.name)
     acked: list[str] = []
 
-    def strike(add):
-        def wrapped(buffer, judgments, *a, **k):
-            if when == "before-add":
-                server.kill()
-                return add(buffer, judgments, *a, **k)
-            result = add(buffer, judgments, *a, **k)
-            acked.extend(j.to_pair().content_id for j in judgments)
+    def strike(add, records):
+        if when == "before-add":
             server.kill()
-            return result
-        return wrapped
+            return add(records)
+        result = add(records)
+        acked.extend(r.pair.content_id for r in records)
+        server.kill()
+        return result
 
     buf = ReplayBuffer.connect(cfg.buffer)
     try:
-        locked_cycle(cfg, buf, step=hook("add-fresh-pairs", strike))
+        locked_cycle(cfg, buf, step=around_fresh_add(strike))
         row.problems.append("the cycle finished although Redis was killed under it")
     except ReplayBufferError as exc:
         row.details["error"] = str(exc).split(";")[0]

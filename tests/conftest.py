@@ -37,3 +37,12 @@ def redis_url(redis_server: LocalRedis) -> str:
     """URL of the session's redis-server, emptied for this test."""
     redis_server.command("FLUSHALL")
     return redis_server.url
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _serverless_flow_settings() -> Iterator[None]:
+    """Flows run as the CLI runs them with no server: heartbeats off (see orchestrator.runtime)."""
+    from orchestrator.runtime import serverless_flow_settings
+
+    with serverless_flow_settings():
+        yield

@@ -19,6 +19,7 @@ from offline.demo_task import (
     build_demo_policy,
     build_demo_tokenizer,
     demo_dataset_path,
+    write_demo_dataset,
     demo_prompts,
     expected_answer,
     make_demo_pairs,
@@ -99,6 +100,23 @@ def test_demo_dataset_file(tmp_path: Path):
     mtime = path.stat().st_mtime_ns
     assert demo_dataset_path(tmp_path, n=30, seed=1) == path and path.stat().st_mtime_ns == mtime
     assert [p.prompt for p in make_demo_pairs(30, COVERED_CATEGORIES, 1)] == [r["prompt"] for r in rows]
+
+
+def test_demo_dataset_written_by_racing_processes_is_whole(tmp_path: Path):
+    """Two cycles that both find the dataset missing write it at once (found by the fault
+    suite: a shared temp name made one of them fail)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=write_demo_dataset, args=(tmp_path / "d.jsonl", 2000, 1)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    rows = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
+    assert len(rows) == 2000
+    assert list(tmp_path.iterdir()) == [tmp_path / "d.jsonl"]  # no temp file left behind
 
 
 def test_demo_prompts():

@@ -79,7 +79,8 @@ def test_runs_page_lists_the_offline_run_and_the_cycle(site, tmp_path):
      ["load-policy", "load-and-validate", "coverage-report", "reference-logps", "train", "evaluate", "save-checkpoint"],
      "promoted as current policy"),
     ("cycle-manual",
-     ["load-current-policy", "generate", "judge", "add-fresh-pairs", "draw-training-set", "train", "measure-kl"],
+     ["load-current-policy", "evaluate-current", "generate", "judge", "update-buffer", "reference-logps", "train",
+      "evaluate-candidate", "save-checkpoint"],
      "cycle 1: "),
 ])
 def test_flow_run_page_shows_its_task_runs_and_logs(site, tmp_path, run, tasks, log_line):
