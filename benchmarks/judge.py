@@ -30,7 +30,9 @@ pool on every request; about half the client CPU per call at concurrency 16).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -43,9 +45,10 @@ from online.judge import LLMJudge, LLMJudgeConfig  # noqa: E402
 from online.types import Generation  # noqa: E402
 
 
-def start_server(latency_ms: float) -> tuple[subprocess.Popen, str]:
+def start_server(latency_ms: float, kind: str = "asyncio") -> tuple[subprocess.Popen, str]:
+    extra = ["--asyncio"] if kind == "asyncio" else []
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--latency-ms", str(latency_ms)],
+        [sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--latency-ms", str(latency_ms), *extra],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -65,49 +68,85 @@ def generations(n: int, tag: str) -> list[Generation]:
     ]
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=400, help="generations (one pair, two calls each) per pass")
-    ap.add_argument("--latency-ms", type=float, default=50.0)
-    ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+async def bare_httpx(base_url: str, n_calls: int, concurrency: int) -> float:
+    """Control: calls/s of bare httpx (one keep-alive client per slot, no judge logic) against
+    the same server: what this machine and httpx allow, whatever the judge does."""
+    import json
 
-    os.environ.setdefault("TETHER_JUDGE_API_KEY", "bench-key")
-    proc, base_url = start_server(args.latency_ms)
+    import httpx
+
+    body = json.dumps({"model": "fake-judge", "messages": [
+        {"role": "user", "content": "<reply_a>\nx GOOD\n</reply_a>\n<reply_b>\ny\n</reply_b>"}]}).encode()
+    url = httpx.URL(base_url + "/chat/completions")
+    left = [n_calls]
+    clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) for _ in range(concurrency)]
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            (await client.post(url, content=body)).json()
+
+    for c in clients:
+        await c.post(url, content=body)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in clients))
+    dt = time.perf_counter() - t0
+    for c in clients:
+        await c.aclose()
+    return n_calls / dt
+
+
+def run_setting(latency_ms: float, concurrency: int, n: int, repeats: int, server: str) -> dict[str, float]:
+    """One (latency, concurrency) setting: control, then `repeats` judge passes."""
+    proc, base_url = start_server(latency_ms, server)
     try:
-        cfg = LLMJudgeConfig(base_url=base_url, model="fake-judge", concurrency=args.concurrency, timeout_s=30)
+        cfg = LLMJudgeConfig(base_url=base_url, model="fake-judge", concurrency=concurrency, timeout_s=30)
         judge = LLMJudge(cfg)
-        judge.judge_generations(generations(args.concurrency, "warmup"))  # imports, first connections
-        ideal_calls = args.concurrency / (args.latency_ms / 1000.0)
-        # Control: one call at a time measures this machine's real round trip (server latency +
-        # HTTP stack + wake-ups), which no amount of client concurrency can beat.
-        probe = LLMJudge(cfg.model_copy(update={"concurrency": 1}))
-        t0 = time.perf_counter()
-        _, probe_stats = probe.judge_generations(generations(25, "probe"))
-        rtt = (time.perf_counter() - t0) / probe_stats.calls
-        load = "/".join(f"{x:.1f}" for x in os.getloadavg())
-        print(f"latency {args.latency_ms:.0f} ms, concurrency {args.concurrency}, {args.n} generations/pass, "
-              f"{os.cpu_count()} CPUs, load average {load}")
-        print(f"{'pass':>4} {'seconds':>8} {'judgments/s':>12} {'calls/s':>9} {'ideal calls/s':>14} {'ratio':>6}")
-        ratios = []
-        for r in range(args.repeats):
-            t0 = time.perf_counter()
-            judgments, stats = judge.judge_generations(generations(args.n, f"pass{r}"))
-            dt = time.perf_counter() - t0
-            assert stats.judgments == len(judgments) == args.n and stats.errors == 0, stats
-            ratio = stats.calls / dt / ideal_calls
-            ratios.append(ratio)
-            print(f"{r:>4} {dt:>8.3f} {len(judgments) / dt:>12.1f} {stats.calls / dt:>9.1f} {ideal_calls:>14.1f} {ratio:>6.1%}")
-        best = max(ratios)
-        print(f"control: sequential round trip {rtt * 1e3:.1f} ms (latency {args.latency_ms:.0f} ms), so at most "
-              f"{args.concurrency / rtt:.0f} calls/s here = {args.concurrency / rtt / ideal_calls:.1%} of ideal")
-        verdict = "PASS" if best >= 0.9 else "FAIL"
-        print(f"best ratio {best:.1%} (median {sorted(ratios)[len(ratios) // 2]:.1%}); target >= 90%: {verdict}")
-        return 0 if best >= 0.9 else 1
+        judge.judge_generations(generations(concurrency, "warmup"))  # imports, first connections
+        ideal = concurrency / (latency_ms / 1000.0)
+        bare = asyncio.run(bare_httpx(base_url, 2 * n, concurrency))
+        ratios, cpus = [], []
+        for r in range(repeats):
+            t0, c0 = time.perf_counter(), time.process_time()
+            judgments, stats = judge.judge_generations(generations(n, f"{latency_ms}-{concurrency}-pass{r}"))
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            assert stats.judgments == len(judgments) == n and stats.errors == 0, stats
+            ratios.append(stats.calls / dt / ideal)
+            cpus.append(cpu / stats.calls)
+        return {
+            "latency_ms": latency_ms, "concurrency": concurrency, "ideal": ideal, "bare": bare / ideal,
+            "best": max(ratios), "median": statistics.median(ratios), "cpu_ms": 1e3 * statistics.median(cpus),
+        }
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=400, help="generations (one pair, two calls each) per pass")
+    ap.add_argument("--setting", action="append", default=[], metavar="LATENCY_MS:CONCURRENCY",
+                    help="repeatable; default 50:16 (stress) and 250:32 (an LLM judge's order of latency)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--server", choices=["asyncio", "threaded"], default="asyncio",
+                    help="the fake judge server: one event loop (like vllm serve), or the tests' threaded one")
+    args = ap.parse_args()
+    settings = [tuple(map(float, s.split(":"))) for s in (args.setting or ["50:16", "250:32"])]
+
+    os.environ.setdefault("TETHER_JUDGE_API_KEY", "bench-key")
+    load = "/".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{args.server} fake server on loopback; {args.n} generations = {2 * args.n} calls per pass, "
+          f"{args.repeats} passes; {os.cpu_count()} CPUs, load average {load}")
+    rows = [run_setting(lat, int(conc), args.n, args.repeats, args.server) for lat, conc in settings]
+    print(f"\n{'latency':>8} {'conc.':>5} {'ideal calls/s':>13} {'bare httpx':>10} {'judge best':>10} "
+          f"{'judge median':>12} {'judge/bare':>10} {'client CPU/call':>15}")
+    for r in rows:
+        print(f"{r['latency_ms']:>6.0f}ms {r['concurrency']:>5.0f} {r['ideal']:>13.1f} {r['bare']:>10.1%} "
+              f"{r['best']:>10.1%} {r['median']:>12.1%} {r['median'] / r['bare']:>10.1%} {r['cpu_ms']:>13.2f}ms")
+    ok = all(r["best"] >= 0.9 for r in rows)
+    print("\nratio = calls/s / (concurrency / latency); bare httpx = the same calls without the judge (the "
+          "machine's ceiling); target: judge best >= 90% in every setting: " + ("PASS" if ok else "FAIL"))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ from offline.train import TrainConfig
 from online.controller import ControllerConfig, next_mix
 from online.gate import EvalSummary, GateConfig, decide_promotion
 from online.generate import GenerationConfig, build_generator
-from online.judge import JudgeConfig, build_judge, load_callable
+from online.judge import JudgeConfig, build_judge
+from online.judge_local import load_callable
 from online.kl import KLEstimate, estimate_kl
 from online.prompts import Prompt, PromptPoolConfig, load_prompt_pool, sample_prompts
 from online.types import Generation, JudgeStats
@@ -380,22 +381,38 @@ def finite(metrics: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
 
 
-def evaluate_checkpoint(inputs: CycleInputs, path: str | Path, seed: int = 0) -> dict[str, Any]:
-    """Reward per category on the held-out prompts, and KL to pi_0, of one checkpoint.
+def evaluate_checkpoint(
+    inputs: CycleInputs, path: str | Path, seed: int = 0, baseline: list[Generation] | None = None,
+) -> dict[str, Any]:
+    """Score of one checkpoint per category on the held-out prompts, and its KL to pi_0.
 
-    Used for the stages the report compares (initial policy, offline baseline) with exactly the
-    prompts, seeds and scorer the cycles' gate uses.
+    With a scalar judge (rule, reward model; `gate.metric: reward`) the score is the mean
+    reward of its samples. With an LLM judge (`gate.metric: win_rate`) there is no absolute
+    score: it is the win rate of its samples against the initial policy's (pi_0) on the same
+    prompts and seed; pass those as `baseline` to score several checkpoints without sampling
+    pi_0 again (they are returned as `samples` when `path` is pi_0 itself, whose win rate
+    against itself is 0.5 by definition). Used by `tether eval` and for the stages the report
+    compares, with the prompts and scorer the cycles' gate uses.
     """
     online = inputs.online
+    reference_dir = resolve_model_dir(inputs.model, inputs.state_dir)
     policy = load_current(inputs, str(path))
     pool = load_prompt_pool(online.prompts, tokenizer=policy.tokenizer)
     eval_prompts = list(pool.heldout[: online.eval_max_prompts])
     gens = sample_eval(policy, eval_prompts, online.generation, online.eval_samples, seed)
-    summary = reward_summary(gens, make_scorer(online.judge)) if online.gate.metric == "reward" else even_summary(gens)
-    reference_dir = resolve_model_dir(inputs.model, inputs.state_dir)
+    if online.gate.metric == "reward":
+        summary = reward_summary(gens, make_scorer(online.judge))
+    elif Path(path).resolve() == reference_dir.resolve():
+        summary = even_summary(gens)
+    else:
+        if baseline is None:
+            initial = load_current(inputs, str(reference_dir))
+            baseline = sample_eval(initial, eval_prompts, online.generation, online.eval_samples, seed)
+            del initial
+        summary = win_rate_summary(gens, baseline, online.judge)
     kl = measure_kl(policy, reference_dir, list(pool.heldout[: online.kl_prompts]), online.kl_samples,
                     online.generation.max_new_tokens, seed + 11)
-    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": finite(kl.metrics())}
+    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": finite(kl.metrics()), "samples": gens}
 
 
 @contextmanager

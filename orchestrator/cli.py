@@ -29,11 +29,11 @@ console = Console()
 
 DEMO_CONFIG = Path("configs/demo.yaml")
 ConfigOpt = typer.Option(DEMO_CONFIG, "--config", "-c", help="YAML config file.")
-SetOpt = typer.Option(None, "--set", help="Override a setting: section.field=value (repeatable).")
+SetOpt = typer.Option(None, "--set", help="Override a setting: section.field=value (repeatable; value null = unset).")
 
 
 def parse_sets(sets: list[str] | None) -> dict[str, Any]:
-    """`["train.loss.beta=0.2"]` -> `{"train": {"loss": {"beta": "0.2"}}}` (pydantic coerces)."""
+    """`["train.loss.beta=0.2", "train.save_every=null"]` -> `{"train": {"loss": {"beta": "0.2"}, "save_every": None}}`."""
     from orchestrator.config import set_dotted
 
     out: dict[str, Any] = {}
@@ -41,7 +41,8 @@ def parse_sets(sets: list[str] | None) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise typer.BadParameter(f"--set expects section.field=value, got {item!r}")
-        set_dotted(out, key, value)
+        # `null` unsets an optional field (e.g. train.save_every=null); pydantic coerces the rest.
+        set_dotted(out, key, None if value.strip().lower() in ("null", "none", "~") else value)
     return out
 
 
@@ -124,15 +125,16 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 
-def print_stages(rows: list[dict[str, Any]]) -> None:
+def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
     """The per-stage table of `tether demo` / `tether report`."""
-    table = Table(title="rule reward on held-out prompts, and KL(policy || reference) vs budget")
-    cols = ["stage", "reward/covered", "reward/heldout", "kl/policy_ref", "kl_budget", "promoted"]
-    heads = ["stage", "covered cats", "held-out cats", "KL", "budget", "promoted"]
+    score = "reward" if metric == "reward" else "win rate vs the initial policy"
+    table = Table(title=f"{score} on held-out prompts, and KL(policy || reference) vs budget")
+    cols = ["stage", "reward/covered", "reward/heldout", "kl/policy_ref", "kl/stderr", "kl_budget", "promoted"]
+    heads = ["stage", "covered cats", "held-out cats", "KL", "KL s.e.", "budget", "promoted"]
     for c, h in zip(cols, heads):
         table.add_column(h, justify="left" if c in ("stage", "promoted") else "right", no_wrap=True)
     for r in rows:
-        table.add_row(*[f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c]) for c in cols])
+        table.add_row(*[f"{r.get(c, float('nan')):.3f}" if isinstance(r.get(c, 0.0), float) else str(r[c]) for c in cols])
     console.print(table)
 
 
@@ -148,7 +150,7 @@ def demo(
 
     with _user_errors(), serverless_flow_settings():
         out = hybrid_demo(config_path=str(config), overrides=parse_sets(set_), cycles=cycles)
-    print_stages(out["stages"])
+    print_stages(out["stages"], out["metric"])
     console.print(f"covered categories (in the static dataset): {', '.join(out['covered'])}")
     console.print("See every run, task run, log and artifact with [bold]tether ui[/bold].")
 
@@ -262,12 +264,13 @@ def report(
 
     with _user_errors(), serverless_flow_settings():
         res = run_report(str(config), parse_sets(set_), cycles, out)
-    print_stages(res["stages"])
+    print_stages(res["stages"], res["meta"]["metric"])
     table = Table(title="claims")
     for c in ("claim", "holds", "evidence"):
         table.add_column(c)
     for c in res["claims"]:
-        table.add_row(c["claim"], "[green]yes[/green]" if c["holds"] else "[red]NO[/red]", c["evidence"])
+        mark = "[yellow]n/a[/yellow]" if c["holds"] is None else "[green]yes[/green]" if c["holds"] else "[red]NO[/red]"
+        table.add_row(c["claim"], mark, c["evidence"])
     console.print(table)
     console.print(f"written: {res['paths']['md']}, {res['paths']['png']}")
 

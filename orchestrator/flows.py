@@ -308,6 +308,7 @@ def stage_row(stage: str, reward: dict[str, float], kl: dict[str, float], budget
         "reward/heldout": sum(held) / len(held) if held else float("nan"),
         "reward/mean": reward.get("mean", float("nan")),
         "kl/policy_ref": kl.get("kl/policy_ref", float("nan")),
+        "kl/stderr": kl.get("kl/stderr", float("nan")),
         "kl_budget": budget,
         "promoted": promoted,
         **{f"reward/{c}": reward[c] for c in sorted(cats)},
@@ -323,17 +324,22 @@ def hybrid_demo(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Initial policy -> offline baseline -> N online refresh cycles, scored the same way at each stage."""
+    from offline.models import resolve_model_dir
     from online.cycle import evaluate_checkpoint
 
     cfg = load_config(config_path, overrides)
     inputs = cycle_inputs(cfg)
     budget = inputs.online.controller.kl_budget
-    initial_dir = pipeline.load_initial_policy(cfg.model, cfg.state_dir).model_dir
+    initial_dir = resolve_model_dir(cfg.model, cfg.state_dir)  # built / converted on first use
     score = _task("score-stage")(evaluate_checkpoint)
     initial = score(inputs, initial_dir, cfg.seed)
+    # An LLM judge has no absolute score: every stage is its win rate against pi_0's samples.
+    by_win_rate = inputs.online.gate.metric == "win_rate"
+    baseline = initial["samples"] if by_win_rate else None
     off = offline_baseline(config_path, overrides, run_label=run_label, progress=progress)
-    offline_eval = score(inputs, off["checkpoint"]["path"], cfg.seed)
-    covered = {c["category"] for c in off["coverage"]["categories"] if c["train"] > 0}
+    offline_eval = score(inputs, off["checkpoint"]["path"], cfg.seed, baseline)
+    # "(none)" labels pairs without a category: it names no category a prompt could share.
+    covered = {c["category"] for c in off["coverage"]["categories"] if c["train"] > 0 and c["category"] != "(none)"}
     rows = [
         stage_row("initial", initial["reward"], initial["kl"], budget, covered, "-"),
         stage_row("offline", offline_eval["reward"], offline_eval["kl"], budget, covered, "yes"),
@@ -344,8 +350,11 @@ def hybrid_demo(
         reports.append(rep)
         if rep.get("skipped"):
             continue
+        # The cycle's own `after` is the reward (or, with an LLM judge, the win rate against
+        # its parent); the stages table wants the same yardstick as the other rows.
+        after = score(inputs, rep["checkpoint"]["path"], cfg.seed, baseline)["reward"] if by_win_rate else rep["after"]
         rows.append(stage_row(
-            f"cycle {rep['index']}", rep["after"], rep["kl"], budget, covered,
+            f"cycle {rep['index']}", after, rep["kl"], budget, covered,
             "yes" if rep["promoted"] else "no (rolled back)",
         ))
     create_markdown_artifact(
@@ -353,4 +362,5 @@ def hybrid_demo(
         + ", ".join(sorted(covered)) + ".\n\n" + markdown_table(rows),
         key="demo-stages", description="Initial vs offline vs online cycles",
     )
-    return {"stages": rows, "cycles": reports, "offline": off, "covered": sorted(covered)}
+    return {"stages": rows, "cycles": reports, "offline": off, "covered": sorted(covered),
+            "metric": inputs.online.gate.metric, "baseline": baseline}

@@ -41,7 +41,11 @@ def fresh_state_dir(base_state: Path, out_dir: Path) -> Path:
 
 
 def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, tolerance: float = 0.0) -> list[dict[str, Any]]:
-    """Each claim with the figures behind it and whether they bear it out (pure)."""
+    """Each claim with the figures behind it and whether they bear it out (pure).
+
+    `holds` is True, False, or None when the figures cannot say (e.g. the static dataset
+    shares no category with the prompt pool, so there is no "covered" score).
+    """
     by = {r["stage"]: r for r in rows}
     initial, offline = by.get("initial"), by.get("offline")
     cycles = [r for r in rows if r["stage"].startswith("cycle")]
@@ -49,17 +53,21 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
     best_cycle = max((r["reward/heldout"] for r in promoted), default=float("nan"))
     out = []
     if initial and offline:
+        figures = (initial["reward/covered"], offline["reward/covered"])
         out.append({
             "claim": "offline DPO improves the covered categories",
-            "evidence": f"covered reward {initial['reward/covered']:.3f} -> {offline['reward/covered']:.3f}",
-            "holds": offline["reward/covered"] > initial["reward/covered"] + tolerance,
+            "evidence": f"covered reward {figures[0]:.3f} -> {figures[1]:.3f}" if all(map(math.isfinite, figures))
+                        else "not measurable: no prompt-pool category is in the static dataset",
+            "holds": figures[1] > figures[0] + tolerance if all(map(math.isfinite, figures)) else None,
         })
     if offline:
+        measurable = math.isfinite(offline["reward/heldout"])
         out.append({
             "claim": "online cycles improve the held-out categories beyond offline-only",
-            "evidence": f"held-out reward offline {offline['reward/heldout']:.3f}, best promoted cycle "
-                        f"{best_cycle:.3f}" if promoted else "no cycle was promoted",
-            "holds": bool(promoted) and best_cycle > offline["reward/heldout"] + tolerance,
+            "evidence": (f"held-out reward offline {offline['reward/heldout']:.3f}, best promoted cycle {best_cycle:.3f}"
+                         if promoted else "no cycle was promoted") if measurable
+                        else "not measurable: every prompt-pool category is in the static dataset",
+            "holds": (bool(promoted) and best_cycle > offline["reward/heldout"] + tolerance) if measurable else None,
         })
     over = [r for r in promoted if not (r["kl/policy_ref"] <= r["kl_budget"])]
     out.append({
@@ -69,16 +77,20 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
         "holds": not over,
     })
     if probe is not None:
+        broke = probe["kl/policy_ref"] > probe["kl_budget"]
         out.append({
             "claim": "a cycle that breaks the budget is rolled back",
             "evidence": f"probe: KL {probe['kl/policy_ref']:.3f} vs budget {probe['kl_budget']:.3g}; "
-                        f"promoted: {probe['promoted']}",
-            "holds": probe["kl/policy_ref"] > probe["kl_budget"] and probe["promoted"] != "yes",
+                        f"promoted: {probe['promoted']}"
+                        + ("" if broke else "; not tested: the probe stayed within its budget (the current "
+                                            "policy's KL is too small to halve meaningfully)"),
+            # A probe inside its budget tests nothing about over-budget cycles.
+            "holds": probe["promoted"] != "yes" if broke else None,
         })
     return out
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> Path:
+def plot(rows: list[dict[str, Any]], path: Path, metric: str = "reward") -> Path:
     """Reward per category and KL vs budget, per stage (matplotlib, Agg backend)."""
     import matplotlib
 
@@ -92,8 +104,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
         ax1.plot(stages, [r.get(f"reward/{c}", math.nan) for r in rows], marker="o", label=c)
     ax1.plot(stages, [r["reward/covered"] for r in rows], "k--", lw=2, label="covered (mean)")
     ax1.plot(stages, [r["reward/heldout"] for r in rows], "k:", lw=2, label="held-out (mean)")
-    ax1.set_title("rule reward on held-out prompts")
-    ax1.set_ylabel("reward")
+    ax1.set_title("reward on held-out prompts" if metric == "reward" else "win rate vs the initial policy")
+    ax1.set_ylabel(metric)
     ax1.legend(fontsize=7, ncol=2)
     ax1.tick_params(axis="x", rotation=30)
     ax2.bar(stages, [r["kl/policy_ref"] for r in rows],
@@ -108,26 +120,39 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+METRIC_LABEL = {
+    "reward": "the judge's reward of the policy's own samples on held-out prompts",
+    "win_rate": "win rate of the policy's samples against the initial policy's (LLM judge, both orders; "
+                "ties count half), on held-out prompts",
+}
+
+
+def verdict(holds: bool | None) -> str:
+    """How a claim's verdict reads in the report."""
+    return "n/a" if holds is None else "yes" if holds else "NO"
+
+
 def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Path]:
     """report.md / report.json / report.png under `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["stage", "reward/covered", "reward/heldout", "reward/mean", "kl/policy_ref", "kl_budget", "promoted",
-            "judge/cost_per_1k_judgments"]
+    cols = ["stage", "reward/covered", "reward/heldout", "reward/mean", "kl/policy_ref", "kl/stderr", "kl_budget",
+            "promoted", "judge/cost_per_1k_judgments"]
     md = "\n\n".join([
         "# tether efficacy report",
         f"Measured {meta['date']} on {meta['machine']}; config `{meta['config']}`, seed {meta['seed']}, "
         f"{meta['cycles']} cycles + 1 budget probe; {meta['seconds']:.0f} s.",
-        f"Covered categories (in the static dataset): {', '.join(meta['covered'])}.",
+        f"Covered categories (in the static dataset): {', '.join(meta['covered']) or 'none'}. "
+        f"Score: {METRIC_LABEL[meta.get('metric', 'reward')]}.",
         markdown_table(rows, cols),
         "## Claims",
-        markdown_table([{**c, "holds": "yes" if c["holds"] else "NO"} for c in claims], ["claim", "holds", "evidence"]),
+        markdown_table([{**c, "holds": verdict(c["holds"])} for c in claims], ["claim", "holds", "evidence"]),
         "## Reward per category",
         markdown_table(rows, ["stage"] + sorted(k for k in rows[0] if k.startswith("reward/"))),
     ])
     paths = {"md": out_dir / "report.md", "json": out_dir / "report.json", "png": out_dir / "report.png"}
     paths["md"].write_text(md + "\n", encoding="utf-8")
     paths["json"].write_text(json.dumps({"meta": meta, "stages": rows, "claims": claims}, indent=2, default=str))
-    plot(rows, paths["png"])
+    plot(rows, paths["png"], meta.get("metric", "reward"))
     return paths
 
 
@@ -165,16 +190,21 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
     rep = refresh_cycle(config_path, po, run_label="report-budget-probe", progress=progress)
     probe = None
     if not rep.get("skipped"):
-        from orchestrator.flows import stage_row
+        from orchestrator.flows import cycle_inputs, stage_row
+        from online.cycle import evaluate_checkpoint
 
-        probe = stage_row("budget probe", rep["after"], rep["kl"], probe_budget, set(demo["covered"]),
+        after = rep["after"]
+        if demo["metric"] == "win_rate":  # the same yardstick as the other rows: win rate vs pi_0
+            probe_cfg = load_config(config_path, po)
+            after = evaluate_checkpoint(cycle_inputs(probe_cfg), rep["checkpoint"]["path"], base.seed, demo["baseline"])["reward"]
+        probe = stage_row("budget probe", after, rep["kl"], probe_budget, set(demo["covered"]),
                           "yes" if rep["promoted"] else "no (rolled back)")
         probe["judge/cost_per_1k_judgments"] = rep["judge"].get("judge/cost_per_1k_judgments", 0.0)
         rows.append(probe)
     claims = check_claims(rows, probe)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-        "config": config_path, "seed": base.seed, "cycles": cycles, "covered": demo["covered"],
+        "config": config_path, "seed": base.seed, "cycles": cycles, "covered": demo["covered"], "metric": demo["metric"],
         "seconds": time.perf_counter() - t0,
     }
     paths = write_report(out_dir, rows, claims, meta)

