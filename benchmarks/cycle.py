@@ -51,7 +51,14 @@ def main() -> None:
     ap.add_argument("--state-dir", type=Path, default=ROOT / ".tether" / "bench-cycle")
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
     ap.add_argument("--set", dest="sets", action="append", default=[], help="section.field=value override")
+    ap.add_argument("--torch-threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's, all cores); 1 on a 2-core machine leaves "
+                         "the Prefect API process a core, as on a GPU box where the model does not use the CPUs")
     args = ap.parse_args()
+    if args.torch_threads:
+        import torch
+
+        torch.set_num_threads(args.torch_threads)
 
     from orchestrator.runtime import configure_prefect, serverless_flow_settings
 
@@ -117,6 +124,8 @@ def main() -> None:
     stages = ["load", "eval", "generate", "judge", "buffer", "reference", "train", "checkpoint", "total", "child cpu"]
     med = {v: {s: statistics.median(r.get(s, 0.0) for r in rs) for s in stages} for v, rs in results.items()}
     label = Path(args.config).name + (" " + " ".join(args.sets) if args.sets else "")
+    if args.torch_threads:
+        label += f", torch threads {args.torch_threads}"
     print(f"\nrefresh cycle, {label}, median of {args.repeats} (seconds; Prefect API start-up {startup:.1f} s once)")
     print(f"{'stage':12s} {'plain':>8s} {'flow':>8s}")
     for s in stages:

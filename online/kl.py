@@ -107,7 +107,12 @@ def _ratio_stderr(d: torch.Tensor, w: torch.Tensor, r: float, groups: torch.Tens
     Var(r) ≈ Σ_g n_g/(n_g − 1) · Σ_{i∈g} (e_i − ē_g)² / (Σ w)², e_i = d_i − r·w_i: only the
     spread *within* a prompt is sampling noise when the prompt set is fixed. One group of
     all samples with w = 1 gives the familiar s²/N; groups of one sample carry no information.
+    With one sample per prompt (no group of two), the prompts are taken as a sample of prompts
+    and all samples form one stratum: that counts the spread between prompts as noise too, so
+    it overstates the error, but it is finite and says how far an estimate can be trusted.
     """
+    if n_groups_with_pairs(groups) == 0 and groups.numel() > 1:
+        groups = torch.zeros_like(groups)
     _, idx = torch.unique(groups, return_inverse=True)
     n_groups = int(idx.max().item()) + 1
     resid = d - r * w  # (N,)
@@ -120,6 +125,12 @@ def _ratio_stderr(d: torch.Tensor, w: torch.Tensor, r: float, groups: torch.Tens
         return math.nan
     var = (counts[usable] / (counts[usable] - 1) * sq[usable]).sum() / w.sum() ** 2
     return math.sqrt(var.item())
+
+
+def n_groups_with_pairs(groups: torch.Tensor) -> int:
+    """How many groups hold at least two samples."""
+    _, counts = torch.unique(groups, return_counts=True)
+    return int((counts > 1).sum().item())
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ runs made with no server land in the same PREFECT_HOME that `tether ui` serves.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -129,12 +130,14 @@ def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
     """The per-stage table of `tether demo` / `tether report`."""
     score = "reward" if metric == "reward" else "win rate vs the initial policy"
     table = Table(title=f"{score} on held-out prompts, and KL(policy || reference) vs budget")
-    cols = ["stage", "reward/covered", "reward/heldout", "kl/policy_ref", "kl/stderr", "kl_budget", "promoted"]
-    heads = ["stage", "covered cats", "held-out cats", "KL", "KL s.e.", "budget", "promoted"]
-    for c, h in zip(cols, heads):
-        table.add_column(h, justify="left" if c in ("stage", "promoted") else "right", no_wrap=True)
+    heads = ["stage", "covered cats", "held-out cats", "KL (± s.e.)", "budget", "promoted"]
+    for h in heads:
+        table.add_column(h, justify="left" if h in ("stage", "promoted") else "right")
     for r in rows:
-        table.add_row(*[f"{r.get(c, float('nan')):.3f}" if isinstance(r.get(c, 0.0), float) else str(r[c]) for c in cols])
+        kl, se = r["kl/policy_ref"], r.get("kl/stderr", float("nan"))
+        table.add_row(r["stage"], f"{r['reward/covered']:.3f}", f"{r['reward/heldout']:.3f}",
+                      f"{kl:.3f}" + (f" ± {se:.3f}" if math.isfinite(se) else ""), f"{r['kl_budget']:.3g}",
+                      str(r["promoted"]))
     console.print(table)
 
 

@@ -73,8 +73,8 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
     out.append({
         "claim": "every promoted cycle is within the KL budget",
         "evidence": ", ".join(f"{r['stage']}: KL {r['kl/policy_ref']:.3f} <= {r['kl_budget']:g}" for r in promoted)
-                    or "no promoted cycle",
-        "holds": not over,
+                    or "not tested: no cycle was promoted",
+        "holds": not over if promoted else None,
     })
     if probe is not None:
         broke = probe["kl/policy_ref"] > probe["kl_budget"]

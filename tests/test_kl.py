@@ -99,7 +99,12 @@ def test_stderr_by_hand_and_cluster_robust_groups():
     assert grouped.stderr == pytest.approx(math.sqrt((2 * 2 + 2 * 8) / 16))  # sum n_g s_g^2 / N^2
     constant = kl_from_logps([1.0, 1.0, 3.0, 3.0], [0.0] * 4, [1] * 4, groups=[5, 5, 9, 9])
     assert constant.stderr == 0.0
-    assert math.isnan(kl_from_logps([1.0, 3.0], [0.0] * 2, [1, 1], groups=[0, 1]).stderr)
+    # One sample per prompt: the prompts count as a sample of prompts (one stratum, s/sqrt(n)).
+    one_each = kl_from_logps([1.0, 3.0], [0.0] * 2, [1, 1], groups=[0, 1])
+    assert one_each.stderr == pytest.approx(math.sqrt(2) / math.sqrt(2))
+    # A prompt with two samples beside single ones: the singles carry no within-prompt spread.
+    mixed = kl_from_logps([1.0, 3.0, 9.0], [0.0] * 3, [1] * 3, groups=[0, 0, 1])
+    assert mixed.stderr == pytest.approx(math.sqrt(2 * 2) / 3)
     single = kl_from_logps([0.3], [0.1], [2])
     assert single.sequence == pytest.approx(0.2) and math.isnan(single.stderr)
     assert set(est.metrics()) >= {"kl/policy_ref", "kl/policy_ref_per_token", "kl/stderr"}

@@ -61,11 +61,13 @@ def test_a_probe_within_its_budget_tests_nothing():
 
 def test_claims_are_not_measurable_without_covered_or_held_out_categories():
     nan = float("nan")
-    rows = [row("initial", nan, 0.5, 0.0, 10, "-"), row("offline", nan, 0.55, 0.1, 10, "yes")]
+    rows = [row("initial", nan, 0.5, 0.0, 10, "-"), row("offline", nan, 0.55, 0.1, 10, "yes"),
+            row("cycle 1", nan, 0.6, 0.3, 10, "no (rolled back)")]
     claims = check_claims(rows, None)
     assert claims[0]["holds"] is None and "not measurable" in claims[0]["evidence"]
     assert claims[1]["holds"] is False and claims[1]["evidence"] == "no cycle was promoted"
-    assert [verdict(c["holds"]) for c in claims] == ["n/a", "NO", "yes"]
+    assert claims[2]["holds"] is None and "no cycle was promoted" in claims[2]["evidence"]
+    assert [verdict(c["holds"]) for c in claims] == ["n/a", "NO", "n/a"]
 
 
 @pytest.fixture(scope="module")
