@@ -136,7 +136,7 @@ def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
     for r in rows:
         kl, se = r["kl/policy_ref"], r.get("kl/stderr", float("nan"))
         table.add_row(r["stage"], f"{r['reward/covered']:.3f}", f"{r['reward/heldout']:.3f}",
-                      f"{kl:.3f}" + (f" ± {se:.3f}" if math.isfinite(se) else ""), f"{r['kl_budget']:.3g}",
+                      f"{kl:.3f}" + (f"±{se:.2f}" if math.isfinite(se) else ""), f"{r['kl_budget']:.3g}",
                       str(r["promoted"]))
     console.print(table)
 
