@@ -375,8 +375,8 @@ def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int =
         if served is not None:
             row.check(stats.calls == served, f"run {run}: judge counted {stats.calls} calls, server saw {served}")
         row.check(stats.retries > 0, f"run {run}: no retries under '{fault}'")
-        row.check(stats.errors + stats.unparseable + stats.ties > 0 or fault.startswith("timeouts"),
-                  f"run {run}: nothing dropped under '{fault}'")
+        if fault.startswith("garbage"):  # those replies cannot be retried into labels: some must drop
+            row.check(stats.errors + stats.unparseable + stats.ties > 0, f"run {run}: nothing dropped under '{fault}'")
         added = add_fresh_pairs(buf, judgments, cycle=run, policy_version="v0")
         ids = [j.to_pair().content_id for j in judgments]
         row.written += added["added"]
