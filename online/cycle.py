@@ -383,6 +383,7 @@ def finite(metrics: dict[str, Any]) -> dict[str, float]:
 
 def evaluate_checkpoint(
     inputs: CycleInputs, path: str | Path, seed: int = 0, baseline: list[Generation] | None = None,
+    with_kl: bool = True,
 ) -> dict[str, Any]:
     """Score of one checkpoint per category on the held-out prompts, and its KL to pi_0.
 
@@ -392,7 +393,8 @@ def evaluate_checkpoint(
     prompts and seed; pass those as `baseline` to score several checkpoints without sampling
     pi_0 again (they are returned as `samples` when `path` is pi_0 itself, whose win rate
     against itself is 0.5 by definition). Used by `tether eval` and for the stages the report
-    compares, with the prompts and scorer the cycles' gate uses.
+    compares, with the prompts and scorer the cycles' gate uses. `with_kl=False` skips the KL
+    estimate (its own sampling and two scoring passes) for a caller that has it already.
     """
     online = inputs.online
     reference_dir = resolve_model_dir(inputs.model, inputs.state_dir)
@@ -410,9 +412,9 @@ def evaluate_checkpoint(
             baseline = sample_eval(initial, eval_prompts, online.generation, online.eval_samples, seed)
             del initial
         summary = win_rate_summary(gens, baseline, online.judge)
-    kl = measure_kl(policy, reference_dir, list(pool.heldout[: online.kl_prompts]), online.kl_samples,
-                    online.generation.max_new_tokens, seed + 11)
-    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": finite(kl.metrics()), "samples": gens}
+    kl = finite(measure_kl(policy, reference_dir, list(pool.heldout[: online.kl_prompts]), online.kl_samples,
+                           online.generation.max_new_tokens, seed + 11).metrics()) if with_kl else {}
+    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": kl, "samples": gens}
 
 
 @contextmanager
@@ -451,9 +453,8 @@ def run_cycle(
         eval_prompts = list(pool.heldout[: online.eval_max_prompts])
         if not eval_prompts:
             raise ValueError("the prompt pool has no held-out prompts to evaluate on: raise prompts.heldout_fraction")
-    by_reward = online.gate.metric == "reward"
-    scorer = make_scorer(online.judge) if by_reward else None
     with _timed(seconds, "eval"):
+        scorer = make_scorer(online.judge) if online.gate.metric == "reward" else None
         current_samples, before = step("evaluate-current", evaluate_current)(
             policy, eval_prompts, online, scorer, seed + 7,
         )

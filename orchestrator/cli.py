@@ -263,7 +263,7 @@ def report(
 ) -> None:
     """Efficacy report: initial vs offline-only vs N cycles (+ a budget probe), claims checked."""
     _load(config, set_)
-    from orchestrator.report import run_report
+    from orchestrator.report import run_report, verdict
 
     with _user_errors(), serverless_flow_settings():
         res = run_report(str(config), parse_sets(set_), cycles, out)
@@ -272,8 +272,9 @@ def report(
     for c in ("claim", "holds", "evidence"):
         table.add_column(c)
     for c in res["claims"]:
-        mark = "[yellow]n/a[/yellow]" if c["holds"] is None else "[green]yes[/green]" if c["holds"] else "[red]NO[/red]"
-        table.add_row(c["claim"], mark, c["evidence"])
+        text = verdict(c["holds"])
+        colour = {"yes": "green", "NO": "red", "n/a": "yellow"}[text]
+        table.add_row(c["claim"], f"[{colour}]{text}[/{colour}]", c["evidence"])
     console.print(table)
     console.print(f"written: {res['paths']['md']}, {res['paths']['png']}")
 

@@ -352,7 +352,8 @@ def hybrid_demo(
             continue
         # The cycle's own `after` is the reward (or, with an LLM judge, the win rate against
         # its parent); the stages table wants the same yardstick as the other rows.
-        after = score(inputs, rep["checkpoint"]["path"], cfg.seed, baseline)["reward"] if by_win_rate else rep["after"]
+        after = (score(inputs, rep["checkpoint"]["path"], cfg.seed, baseline, with_kl=False)["reward"]
+                 if by_win_rate else rep["after"])
         rows.append(stage_row(
             f"cycle {rep['index']}", after, rep["kl"], budget, covered,
             "yes" if rep["promoted"] else "no (rolled back)",
