@@ -47,23 +47,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "tests"))
+
+from fake_openai_server import spawn  # noqa: E402
 from online.judge import LLMJudge, LLMJudgeConfig  # noqa: E402
 from online.types import Generation  # noqa: E402
 
 
 def start_server(latency_ms: float, kind: str = "asyncio") -> tuple[subprocess.Popen, str]:
-    extra = ["--asyncio"] if kind == "asyncio" else []
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_openai_server.py"), "--latency-ms", str(latency_ms), *extra],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline().split()
-    if len(line) != 2 or line[0] != "READY":
-        proc.kill()
-        raise RuntimeError(f"fake server did not start (said {line!r})")
-    return proc, line[1]
+    return spawn(latency_ms, *(["--asyncio"] if kind == "asyncio" else []))
 
 
 def generations(n: int, tag: str) -> list[Generation]:

@@ -333,6 +333,7 @@ JUDGE_FAULTS: dict[str, dict[str, float]] = {
 def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int = 30) -> FaultRow:
     """The LLM judge against a loopback server failing one way (or SIGKILLed: fault='server SIGKILL')."""
     from fake_openai_server import FakeOpenAIServer
+    from fake_openai_server import spawn as spawn_judge_server
 
     from buffer.config import BufferConfig
     from buffer.store import ReplayBuffer
@@ -349,7 +350,7 @@ def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int =
         cfg = dict(model="fake-judge", timeout_s=0.25, max_retries=4, backoff_base_s=0.01,
                    backoff_max_s=0.05, concurrency=8)
         if fault == "server SIGKILL":
-            proc, url = _judge_server_process(latency_ms=50)  # a pass takes >= 0.75 s: killed mid-pass
+            proc, url = spawn_judge_server(latency_ms=50)  # a pass takes >= 0.75 s: killed mid-pass
             killer = threading.Timer(0.6, lambda: os.kill(proc.pid, signal.SIGKILL))
             killer.start()
             judgments, stats = LLMJudge(LLMJudgeConfig(base_url=url, **cfg)).judge_generations(gens)
@@ -396,17 +397,6 @@ def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int =
     buf.clear()
     buf.close()
     return row
-
-
-def _judge_server_process(latency_ms: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(HERE / "fake_openai_server.py"), "--latency-ms", str(latency_ms)],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    line = proc.stdout.readline().split()
-    if len(line) != 2 or line[0] != "READY":
-        proc.kill()
-        raise RuntimeError(f"fake judge server did not start (said {line!r})")
-    return proc, line[1]
 
 
 # -- the training process killed -----------------------------------------------------------------

@@ -35,6 +35,8 @@ import json
 import random
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import deque
@@ -301,6 +303,18 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass  # tests read `requests`, not stderr
+
+
+def spawn(latency_ms: float, *args: str) -> tuple[subprocess.Popen, str]:
+    """This server as a separate process (its own GIL); returns it and its base URL."""
+    proc = subprocess.Popen([sys.executable, __file__, "--latency-ms", str(latency_ms), *args],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline().split()
+    if len(line) != 2 or line[0] != "READY":
+        proc.kill()
+        raise RuntimeError(f"fake judge server did not start (said {line!r})")
+    return proc, line[1]
 
 
 def main() -> None:
