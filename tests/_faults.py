@@ -1,7 +1,7 @@
-"""Shared parts of the fault, bad-input and secrets suites: a small demo state, plain cycles.
+"""Shared parts of the fault, bad-input, secrets, flow and report suites: a small demo state, plain cycles.
 
 Contract:
-- `small_overrides(state_dir, ...)` is the demo config shrunk so a plain cycle takes seconds.
+- `small_overrides(state_dir, ...)` is the demo config shrunk so a cycle takes seconds.
 - `prepare_state(state_dir, overrides)` copies the demo policy (built once per process into a
   temp dir, ~30 s) into `state_dir`, saves it as the checkpoint `initial` and promotes it, so a
   refresh cycle can start without the offline flow; it returns the loaded `TetherConfig`.
@@ -29,20 +29,24 @@ CONFIG = ROOT / "configs" / "demo.yaml"
 _TEMPLATE: Path | None = None  # <tmp>/models of a state dir in which the demo policy was built
 
 
-def small_overrides(state_dir: Path, redis_url: str | None = None, **extra: Any) -> dict[str, Any]:
-    """The demo config, shrunk: 600 data pairs, 48 prompts and 96 training pairs per cycle, 1 epoch."""
+def small_overrides(
+    state_dir: Path, redis_url: str | None = None, *, epochs: int | None = 1, **extra: Any,
+) -> dict[str, Any]:
+    """The demo config, shrunk: 600 data pairs, 48 prompts and 96 training pairs per cycle, and
+    `epochs` offline and per cycle (None: the config's, for tests that check what training buys)."""
     o: dict[str, Any] = {
         "state_dir": str(state_dir),
         "data": {"limit": 600},
-        "train": {"epochs": 1},
         "online": {
             "prompts": {"sample_per_cycle": 48},
             "train_pairs": 96,
             "eval_max_prompts": 24,
             "kl_prompts": 8,
-            "train": {"epochs": 1},
         },
     }
+    if epochs is not None:
+        o["train"] = {"epochs": epochs}
+        o["online"]["train"] = {"epochs": epochs}
     if redis_url:
         o["buffer"] = {"url": redis_url}
     for key, value in extra.items():

@@ -22,7 +22,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from offline.checkpoint import is_complete, read_lineage  # noqa: E402
 from offline.pointer import read_current  # noqa: E402
 from orchestrator import flows  # noqa: E402
-from orchestrator.config import set_dotted  # noqa: E402
+from _faults import small_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "demo.yaml")
@@ -40,22 +40,8 @@ def state_dir(tmp_path_factory) -> Path:
 
 
 def overrides(state_dir: Path, redis_url: str | None = None, **extra) -> dict:
-    """The demo config, shrunk so a flow takes seconds: fewer pairs, prompts and samples."""
-    o: dict = {
-        "state_dir": str(state_dir),
-        "data": {"limit": 600},
-        "online": {
-            "prompts": {"sample_per_cycle": 48},
-            "train_pairs": 96,
-            "eval_max_prompts": 24,
-            "kl_prompts": 8,
-        },
-    }
-    if redis_url:
-        o["buffer"] = {"url": redis_url}
-    for key, value in extra.items():
-        set_dotted(o, key, value)
-    return o
+    """The demo config, shrunk so a flow takes seconds; training epochs as configured."""
+    return small_overrides(state_dir, redis_url, epochs=None, **extra)
 
 
 def _artifact_keys(flow_run_id) -> set[str]:

@@ -22,6 +22,8 @@ configure_prefect()
 
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
+from _faults import small_overrides  # noqa: E402
+
 from offline.checkpoint import is_complete  # noqa: E402
 from orchestrator.report import check_claims, run_report, verdict  # noqa: E402
 
@@ -100,10 +102,7 @@ def check_report(res: dict, out: Path, cycles: int) -> dict:
 
 @pytest.mark.slow
 def test_demo_report_end_to_end(harness, tmp_path, redis_url):
-    overrides = {
-        "state_dir": str(tmp_path / "state"), "buffer": {"url": redis_url}, "data": {"limit": 600},
-        "online": {"prompts": {"sample_per_cycle": 48}, "train_pairs": 96, "eval_max_prompts": 24, "kl_prompts": 8},
-    }
+    overrides = small_overrides(tmp_path / "state", redis_url, epochs=None)
     res = run_report(str(ROOT / "configs" / "demo.yaml"), overrides, 1, tmp_path / "report")
     check_report(res, tmp_path / "report", 1)
     assert res["meta"]["metric"] == "reward" and res["meta"]["covered"] == ["copy", "increment", "reverse"]
