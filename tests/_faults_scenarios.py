@@ -58,13 +58,17 @@ def fresh_records(n: int, cycle: int, tag: str):
     ]
 
 
-def buffer_consistent(buf) -> bool:
-    """Every index agrees with the pair hash: no half-applied write anywhere."""
+def buffer_inconsistency(buf) -> str | None:
+    """None when every index and group count agrees with the pair hash (no half-applied write
+    anywhere); otherwise the three counts, so a failure says which part disagreed."""
     ns, client = buf.cfg.namespace, buf.client
     pairs = client.hlen(f"{ns}:pairs")
     groups, _ = buf.groups()
-    indexed = sum(client.zcard(k) for k in client.scan_iter(match=f"{ns}:idx:*"))
-    return sum(g.size for g in groups) == pairs == indexed
+    grouped = sum(g.size for g in groups)
+    indexed = {k: client.zcard(k) for k in client.scan_iter(match=f"{ns}:idx:*")}
+    if grouped == pairs == sum(indexed.values()):
+        return None
+    return f"pair hash {pairs}, group counts {grouped}, indexes {indexed}"
 
 
 def present(buf, ids: list[str]) -> set[str]:
@@ -230,7 +234,8 @@ def redis_kill_mid_add(work: Path, runs: int = 6, batch: int = 4000, appendfsync
         there = present(buf, ids)
         row.check(len(there) in (0, len(ids)), f"run {run}: {len(there)} of {len(ids)} pairs of one add survived")
         unacked_landed += bool(there) and ids[0] not in acked
-        row.check(buffer_consistent(buf), f"run {run}: indexes disagree with the pair hash")
+        problem = buffer_inconsistency(buf)
+        row.check(problem is None, f"run {run}: indexes disagree with the pair hash ({problem})")
     row.written = len(acked)
     row.lost = len(acked - present(buf, sorted(acked)))
     row.check(row.lost == 0, f"{row.lost} acknowledged pairs lost")
