@@ -18,7 +18,14 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from offline.logps import collate_pairs, sequence_logps, supports_shared_prompt
+from offline.logps import (
+    AutocastDtype,
+    autocast,
+    collate_pairs,
+    resolve_autocast,
+    sequence_logps,
+    supports_shared_prompt,
+)
 from offline.reference import check_reference_logps
 from offline.tokenize import TokenizedPair
 
@@ -53,8 +60,10 @@ def evaluate_preferences(
     *,
     pad_token_id: int,
     batch_size: int = 16,
+    autocast_dtype: AutocastDtype = "auto",
 ) -> EvalResult:
-    """Preference accuracy and reward margin of `policy` on `tokenized` (see module docstring)."""
+    """Preference accuracy and reward margin of `policy` on `tokenized` (see module docstring),
+    in the precision its reference log-probs were computed in (`autocast_dtype`)."""
     if not tokenized:
         raise ValueError("evaluate_preferences got no pairs")
     check_reference_logps(reference_logps, tokenized)
@@ -65,7 +74,7 @@ def evaluate_preferences(
     was_training = policy.training
     policy.eval()
     try:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.no_grad(), autocast(device, resolve_autocast(device, autocast_dtype)):
             for s in range(0, len(order), batch_size):
                 idx = order[s : s + batch_size]
                 group = [tokenized[i] for i in idx]

@@ -29,8 +29,9 @@ earlier, real tokens, so padding changes nothing for the scored rows (tested).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import ContextManager, Literal, Sequence, Union
 
 import torch
 from torch import nn
@@ -301,12 +302,40 @@ def sequence_logps(model: nn.Module, batch: PreferenceBatch) -> torch.Tensor:
     return per_token.sum(dim=1)  # (2B,)
 
 
+AutocastDtype = Union[torch.dtype, None, Literal["auto"]]
+"""A forward's precision: a dtype to autocast to, None for none (the weights' own), or "auto"."""
+
+
+def resolve_autocast(device: torch.device, dtype: AutocastDtype = "auto") -> torch.dtype | None:
+    """"auto": bf16 on a CUDA device that supports it, else None (float32 on CPU)."""
+    if dtype != "auto":
+        return dtype
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
+    """`torch.autocast` to `dtype` on `device`'s type, or nothing when `dtype` is None.
+
+    The training forward, the reference log-probs and the evaluation all enter it with the
+    same dtype: a reference scored in another precision than the policy's forward gives DPO a
+    spurious margin at step 0.
+    """
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
 class SequenceLogps(nn.Module):
     """`sequence_logps` as a module, so `accelerate.prepare` (DDP/FSDP) wraps the real forward."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model = model
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, batch: PreferenceBatch) -> torch.Tensor:
-        return sequence_logps(self.model, batch)
+        # Our own autocast rather than `Accelerator(mixed_precision=...)`: accelerate's state is
+        # per process and refuses a second, different setting (TRL or a notebook that made an
+        # Accelerator first would break every later train() call).
+        with autocast(batch.input_ids.device, self.autocast_dtype):
+            return sequence_logps(self.model, batch)

@@ -32,6 +32,7 @@ import torch
 from pydantic import Field
 
 from offline.checkpoint import atomic_dir
+from offline.logps import resolve_autocast
 from offline.section import Section
 
 SMOLLM2_NAME = "smollm2"
@@ -94,9 +95,7 @@ def weights_dtype(cfg: ModelConfig) -> torch.dtype:
 
 def autocast_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
     """bf16 autocast for `auto` on a CUDA device with bf16 support, else None."""
-    if cfg.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    return resolve_autocast(device, "auto") if cfg.dtype == "auto" else None
 
 
 def resolve_model_dir(cfg: ModelConfig, state_dir: Path) -> Path:

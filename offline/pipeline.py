@@ -21,7 +21,7 @@ from offline.coverage import CoverageReport, coverage_report
 from offline.data import DataConfig, PreferenceDataset, load_preference_dataset
 from offline.evaluate import EvalResult, evaluate_preferences
 from offline.models import LoadedPolicy, ModelConfig, load_policy, load_reference
-from offline.reference import ReferenceLogpCache, compute_reference_logps
+from offline.reference import ReferenceLogpCache, compute_reference_logps, precision_id
 from offline.tokenize import TokenizedPair, tokenize_pairs
 from offline.train import TrainConfig, TrainResult, train
 
@@ -88,7 +88,7 @@ def ensure_reference_logps(
     With LoRA the reference is the policy with its adapter disabled (no second copy); for full
     fine-tuning a frozen copy is loaded only when some pair is missing, then freed.
     """
-    reference_id = reference_id_of(reference_dir)
+    reference_id = precision_id(reference_id_of(reference_dir), policy.autocast_dtype)
     cache = ReferenceLogpCache(cache_dir)
     pad = policy.tokenizer.pad_token_id
     missing = sum(cache.get(reference_id, p) is None for p in pairs)
@@ -96,12 +96,13 @@ def ensure_reference_logps(
         # All cached (no forward runs), or LoRA: the policy with its adapter disabled.
         out = compute_reference_logps(
             policy.model, pairs, reference_id, cache, batch_size, progress=progress,
-            pad_token_id=pad, reference_context=policy.reference,
+            pad_token_id=pad, reference_context=policy.reference, autocast_dtype=policy.autocast_dtype,
         )
     else:
         ref_model = load_reference(reference_dir, device=policy.model.device)
         out = compute_reference_logps(
-            ref_model, pairs, reference_id, cache, batch_size, progress=progress, pad_token_id=pad
+            ref_model, pairs, reference_id, cache, batch_size, progress=progress, pad_token_id=pad,
+            autocast_dtype=policy.autocast_dtype,
         )
         del ref_model
         gc.collect()
@@ -123,7 +124,7 @@ def train_policy(
     return train(
         policy.model, pairs, reference_logps, cfg,
         pad_token_id=policy.tokenizer.pad_token_id,
-        resume_dir=resume_dir, on_step=on_step, progress=progress,
+        resume_dir=resume_dir, on_step=on_step, progress=progress, autocast_dtype=policy.autocast_dtype,
     )
 
 
@@ -152,8 +153,9 @@ def evaluate_policy(
     pad = policy.tokenizer.pad_token_id
     zeros = {p.pair_id: (0.0, 0.0) for p in heldout}
     with torch.no_grad():
-        implicit = evaluate_preferences(policy.model, heldout, reference_logps, beta, pad_token_id=pad, batch_size=batch_size)
-        likelihood = evaluate_preferences(policy.model, heldout, zeros, 1.0, pad_token_id=pad, batch_size=batch_size)
+        kw = dict(pad_token_id=pad, batch_size=batch_size, autocast_dtype=policy.autocast_dtype)
+        implicit = evaluate_preferences(policy.model, heldout, reference_logps, beta, **kw)
+        likelihood = evaluate_preferences(policy.model, heldout, zeros, 1.0, **kw)
     return Evaluation(implicit=implicit, likelihood=likelihood)
 
 

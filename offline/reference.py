@@ -27,7 +27,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from offline.logps import PreferenceBatch, collate_pairs, sequence_logps, supports_shared_prompt
+from offline.logps import (
+    AutocastDtype,
+    PreferenceBatch,
+    autocast,
+    collate_pairs,
+    resolve_autocast,
+    sequence_logps,
+    supports_shared_prompt,
+)
 from offline.tokenize import TokenizedPair
 
 _FORMAT = 1
@@ -115,6 +123,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def precision_id(reference_id: str, autocast_dtype: torch.dtype | None) -> str:
+    """The cache key of a reference scored in `autocast_dtype`: log-probs computed in bf16 on a
+    GPU must not be reused by a float32 run on a CPU (or the other way round)."""
+    return reference_id if autocast_dtype is None else f"{reference_id}@{str(autocast_dtype).removeprefix('torch.')}"
+
+
 def reference_context_for(model: nn.Module) -> Callable[[], ContextManager]:
     """How to turn `model` into its reference: disable the adapter of a peft model, else nothing."""
     if hasattr(model, "disable_adapter") and hasattr(model, "peft_config"):
@@ -132,12 +146,15 @@ def compute_reference_logps(
     *,
     pad_token_id: int = 0,
     reference_context: Callable[[], ContextManager] | None = None,
+    autocast_dtype: AutocastDtype = "auto",
 ) -> dict[str, tuple[float, float]]:
     """Fill `cache` for the pairs it lacks under `reference_id`; return pair_id -> (chosen, rejected).
 
-    The forward runs in eval mode without gradients, batched by length to cut padding, in bf16
-    autocast on CUDA (as the training loop's policy forward, so the two log-probs agree at step 0)
-    and float32 elsewhere. `pad_token_id` only fills padding, which never changes the result.
+    The forward runs in eval mode without gradients, batched by length to cut padding, in the
+    precision the training loop's policy forward will use (`autocast_dtype`; "auto": bf16 on a
+    bf16-capable GPU, float32 elsewhere), so the two log-probs agree at step 0; `reference_id`
+    should name that precision too (`precision_id`). `pad_token_id` only fills padding, which
+    never changes the result.
     """
     result: dict[str, tuple[float, float]] = {}
     missing: dict[str, TokenizedPair] = {}
@@ -151,6 +168,7 @@ def compute_reference_logps(
         return result
 
     device = next(model.parameters()).device
+    amp = resolve_autocast(device, autocast_dtype)
     share_prompt = supports_shared_prompt(model)
     todo = sorted(missing.values(), key=lambda p: p.n_tokens)
     batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -160,7 +178,7 @@ def compute_reference_logps(
         bar = tqdm(batches, desc=f"reference log-probs ({len(todo)} pairs)", disable=not progress)
         for n, group in enumerate(bar, start=1):
             batch = collate_pairs(group, pad_token_id, share_prompt=share_prompt).to(device)
-            chosen, rejected = reference_batch_logps(model, batch, reference_context)
+            chosen, rejected = reference_batch_logps(model, batch, reference_context, amp)
             for pair, c, r in zip(group, chosen.tolist(), rejected.tolist()):
                 cache.put(reference_id, pair, c, r)
                 result[pair.pair_id] = (c, r)
@@ -176,17 +194,16 @@ def reference_batch_logps(
     model: nn.Module,
     batch: PreferenceBatch,
     reference_context: Callable[[], ContextManager] | None = None,
+    autocast_dtype: AutocastDtype = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference `(B,)` chosen and `(B,)` rejected log-probs of one batch, float32, no gradient.
 
-    bf16 autocast on CUDA (as the training loop's policy forward, so policy and reference agree
-    at step 0), float32 elsewhere. Dropout is whatever mode `model` is in.
+    In the training forward's precision (`autocast_dtype`, see `compute_reference_logps`), so
+    policy and reference agree at step 0. Dropout is whatever mode `model` is in.
     """
     device = batch.input_ids.device
     context = reference_context or reference_context_for(model)
-    with torch.no_grad(), context(), torch.autocast(
-        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
-    ):
+    with torch.no_grad(), context(), autocast(device, resolve_autocast(device, autocast_dtype)):
         logps = sequence_logps(model, batch).float()  # (2B,)
     return logps.chunk(2)
 

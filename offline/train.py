@@ -31,7 +31,9 @@ or GPU, or data-parallel when its entry point is started by a launcher, e.g.
 than processes is dropped; metrics are summed over processes; only rank 0 shows the progress
 bar and writes snapshots; I/O around `train`, e.g. checkpoints, is the caller's to guard).
 Resume snapshots hold full trainable weights, so they need replicated parameters (single
-process or DDP), not FSDP sharding. Only the single-process CPU path is tested here.
+process or DDP), not FSDP sharding. Tested: single process on CPU (CI) and on one CUDA GPU
+(tests/test_cuda.py, run by scripts/gpu_check.sh on a GPU machine; CI has none); multi-process
+is not.
 
 Resume after a kill: with `resume_dir` and `cfg.save_every`, every `save_every` steps the loop
 writes a snapshot (trainable weights and optimizer tensors as safetensors, scalars/step/RNG/
@@ -61,7 +63,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from offline.logps import PreferenceBatch, SequenceLogps, collate_pairs, supports_shared_prompt
+from offline.logps import (
+    AutocastDtype,
+    PreferenceBatch,
+    SequenceLogps,
+    collate_pairs,
+    resolve_autocast,
+    supports_shared_prompt,
+)
 from offline.loss import LossConfig, PreferenceLogps, preference_loss
 from offline.reference import (
     check_reference_logps,
@@ -233,6 +242,7 @@ def train(
     on_step: Callable[[dict], None] | None = None,
     progress: bool = True,
     reference_model: nn.Module | None = None,
+    autocast_dtype: AutocastDtype = "auto",
 ) -> TrainResult:
     """Train `policy` in place on preference pairs; see the module docstring.
 
@@ -240,7 +250,8 @@ def train(
     Alternatively pass `reference_logps=None` and a `reference_model` (a frozen copy, or the peft
     policy itself, whose adapter is then disabled) to run the reference forward on every micro-
     batch instead (one extra forward per step; kept for comparison with TRL's
-    `precompute_ref_log_probs=False`). `on_step(metrics)` is called after every `log_every`-th step;
+    `precompute_ref_log_probs=False`). `autocast_dtype` is the forward's precision ("auto": bf16
+    on a bf16-capable GPU; pass the one the reference log-probs were computed in). `on_step(metrics)` is called after every `log_every`-th step;
     an exception from it stops the run (the last snapshot stays, for resume).
     """
     from accelerate import Accelerator  # heavy import, only when training
@@ -261,9 +272,10 @@ def train(
     if cfg.save_every is not None and resume_dir is None:
         raise ValueError("cfg.save_every is set but no resume_dir was given to write snapshots into")
 
-    use_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    accelerator = Accelerator(mixed_precision="bf16" if use_bf16 else "no")
+    # The launcher's (or an earlier Accelerator's) settings stand; bf16 autocast is ours (below).
+    accelerator = Accelerator()
     device, n_proc, rank = accelerator.device, accelerator.num_processes, accelerator.process_index
+    amp = resolve_autocast(device, autocast_dtype)
     torch.manual_seed(cfg.seed)
 
     share_prompt = cfg.share_prompt and supports_shared_prompt(policy)
@@ -280,7 +292,7 @@ def train(
     named = [(n, p) for n, p in policy.named_parameters() if p.requires_grad]
     optimizer, scheduler = _optimizer(named, cfg, total_steps)
     # The scheduler stays unprepared: accelerate's wrapper would step it once per process.
-    model, optimizer = accelerator.prepare(SequenceLogps(policy), optimizer)
+    model, optimizer = accelerator.prepare(SequenceLogps(policy, amp), optimizer)
     if reference_model is not None and reference_model is not policy:
         reference_model.to(device)
 
@@ -313,7 +325,7 @@ def train(
                 ref = torch.tensor([reference_logps[p] for p in batch.pair_ids], device=device)  # (B, 2)
                 ref_chosen, ref_rejected = ref[:, 0], ref[:, 1]
             else:
-                ref_chosen, ref_rejected = reference_batch_logps(reference_model, batch, ref_context)
+                ref_chosen, ref_rejected = reference_batch_logps(reference_model, batch, ref_context, amp)
             sync = i == len(mine) - 1  # DDP all-reduces gradients on the last micro-batch only
             with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                 logps = model(batch).float()  # (2B,)

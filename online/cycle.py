@@ -35,7 +35,7 @@ from offline.models import LoadedPolicy, ModelConfig, load_policy, load_referenc
 from offline.pairs import PreferencePair
 from offline.pipeline import save_policy, train_policy
 from offline.pointer import promote, read_current
-from offline.reference import ReferenceLogpCache, compute_reference_logps
+from offline.reference import ReferenceLogpCache, compute_reference_logps, precision_id
 from offline.section import Section
 from offline.tokenize import tokenize_pairs
 from offline.train import TrainConfig
@@ -255,11 +255,12 @@ def update_buffer(
 
 def reference_logps_for(
     reference_dir: Path, pairs: list, data_cfg: DataConfig, tokenizer, cache_dir: Path, batch_size: int,
-    device: torch.device, progress: bool,
+    device: torch.device, autocast_dtype: torch.dtype | None, progress: bool,
 ) -> tuple[list, dict[str, tuple[float, float]]]:
-    """Token ids of `pairs` and pi_0's log-probs, computed only for pairs not cached before."""
+    """Token ids of `pairs` and pi_0's log-probs (in the policy's training precision), computed
+    only for pairs not cached before."""
     toks = tokenize_pairs(pairs, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
-    reference_id = model_id(reference_dir)
+    reference_id = precision_id(model_id(reference_dir), autocast_dtype)
     cache = ReferenceLogpCache(cache_dir)
     if all(cache.get(reference_id, t) is not None for t in toks):
         model = None
@@ -267,7 +268,8 @@ def reference_logps_for(
     else:
         model = load_reference(reference_dir, device=device)
         logps = compute_reference_logps(
-            model, toks, reference_id, cache, batch_size, progress=progress, pad_token_id=tokenizer.pad_token_id
+            model, toks, reference_id, cache, batch_size, progress=progress, pad_token_id=tokenizer.pad_token_id,
+            autocast_dtype=autocast_dtype,
         )
     return toks, logps  # type: ignore[return-value]
 
@@ -471,7 +473,7 @@ def run_cycle(
     with _timed(seconds, "reference"):
         toks, ref = step("reference-logps", reference_logps_for)(
             reference_dir, mixed.pairs, inputs.data, policy.tokenizer, state_dir / "cache" / "reference-logps",
-            train_cfg.reference_batch_size, policy.model.device, progress,
+            train_cfg.reference_batch_size, policy.model.device, policy.autocast_dtype, progress,
         )
     with _timed(seconds, "train"):
         cycle_cfg = train_cfg.model_copy(update={
