@@ -214,8 +214,16 @@ def test_grad_accumulation_equals_bigger_batch() -> None:
     for x, y in zip(big.history, acc.history):
         for key in ("loss", "rewards/margins", "grad_norm", "lr"):
             assert abs(x[key] - y[key]) <= tol(1e-5) * max(1.0, abs(x[key])), key
-    for p1, p2 in zip(m1.parameters(), m2.parameters()):
-        torch.testing.assert_close(p1, p2, rtol=tol(1e-4), atol=1e-6 if not ON_BF16 else 1e-3)
+    if not ON_BF16:
+        for p1, p2 in zip(m1.parameters(), m2.parameters()):
+            torch.testing.assert_close(p1, p2, rtol=1e-4, atol=1e-6)
+        return
+    # bf16: a weight whose gradient is ~0 can flip sign between the two layouts, and Adam turns
+    # any sign into a full step of lr (seen on an H200: 10 of 2048 weights of one matrix). So:
+    # nearly every weight agrees closely, and none differs by more than lr per step taken.
+    diffs = torch.cat([(p1 - p2).abs().flatten() for p1, p2 in zip(m1.parameters(), m2.parameters())])
+    assert (diffs > 1e-3).float().mean() < 0.01
+    assert diffs.max() <= 2 * base["learning_rate"] * big.steps
 
 
 class Killed(Exception):
