@@ -6,7 +6,9 @@ redis-py. Contract:
 
 - `add(records)` writes one cycle's fresh pairs in one Lua script: Redis runs it atomically and
   logs its effects to the AOF as one MULTI/EXEC, which a crash truncates as a whole on reload
-  (`aof-load-truncated`), so a cycle's pairs are all there or none are. The same script evicts
+  (`aof-load-truncated`; `buffer.server.LocalRedis` also rewrites an AOF whose torn tail Redis
+  7.0 cut inside a MULTI, which a later restart would otherwise half-replay), so a cycle's
+  pairs are all there or none are. The same script evicts
   the oldest cycles' fresh pairs beyond `fresh_capacity`. Pair id = content hash: re-adding is a
   no-op, which also makes redis-py's retry-after-disconnect safe.
 - `seed_anchor(pairs, fingerprint)` is idempotent; another fingerprint is `AnchorMismatch`

@@ -82,6 +82,40 @@ def test_a_write_torn_by_a_crash_is_dropped_whole(tmp_path: Path) -> None:
         buf.close()
 
 
+def test_a_torn_write_stays_dropped_after_the_next_write_and_restart(tmp_path: Path) -> None:
+    """redis-server cuts a torn AOF tail at the last whole command, which can leave the file
+    ending in the torn transaction's open MULTI. The next write's MULTI...EXEC, appended after
+    it, then replays the torn half at the following restart (pairs with no index entries: the
+    fault suite found it; valkey-io/valkey#4342). LocalRedis compacts such an AOF on start."""
+    cfg = BufferConfig(appendfsync="always")
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        buf.add(cycle(100, 0))
+        buf.add(cycle(1000, 1))
+        buf.close()
+        server.kill()
+    (aof,) = (tmp_path / "appendonlydir").glob("*.incr.aof")
+    data = aof.read_bytes()
+    start = data.rindex(b"MULTI")
+    # Cut inside the second command of the transaction: MULTI and its first write (the pair
+    # hash) are whole, the indexes are torn.
+    first = data.index(b"*", start + len(b"MULTI\r\n"))
+    second = data.index(b"\r\n*", data.index(b"HSET", first)) + 2
+    aof.write_bytes(data[: second + 40])
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        assert buf.stats().per_cycle == {0: 100}
+        buf.add(cycle(50, 2))  # the next write, appended after whatever the tail is
+        buf.close()
+    with LocalRedis(tmp_path, appendfsync="always") as server:
+        buf = ReplayBuffer.connect(cfg, url=server.url)
+        assert buf.stats().per_cycle == {0: 100, 2: 50}
+        assert buf.client.hlen(f"{cfg.namespace}:pairs") == 150  # no torn half of cycle 1
+        assert_consistent(buf)
+        buf.close()
+    assert "MULTI calls can not be nested" not in (tmp_path / "redis.log").read_text()
+
+
 def test_redis_killed_while_running_a_cycle_write_keeps_all_or_nothing(tmp_path: Path) -> None:
     cfg = BufferConfig(appendfsync="always", connect_retries=0)
     n = 5000
