@@ -1,6 +1,6 @@
 # The two quick-start commands (README): `make demo` runs the main job, `make test` the tests.
 # Both install what they need first (scripts/setup.sh is idempotent).
-.PHONY: setup demo test test-fast bench ui
+.PHONY: setup demo test test-fast ui
 
 setup:
 	./scripts/setup.sh

@@ -6,7 +6,7 @@
 #   pip install -e '.[test]' && scripts/gpu_check.sh [OUT_DIR [all]]
 #
 # It needs tether's dependencies importable by `python3` and `redis-server` on PATH. It writes
-# logs to OUT_DIR (default /tmp/tether-gpu) and exits non-zero when any step failed.
+# logs to OUT_DIR (default /tmp/tether-gpu) and exits non-zero when any step failed (2: no GPU).
 # tests/test_cuda.py holds the GPU-only assertions; the rest of the suite runs as well, since
 # every test that trains or generates picks the GPU when one is present.
 set -uo pipefail
@@ -22,6 +22,11 @@ print("python", platform.python_version(), "torch", torch.__version__, "transfor
 print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-",
       "bf16", torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 EOF
+# Without a GPU every CUDA test would skip and this script would report a pass that checked nothing.
+if ! python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: torch sees no CUDA GPU (a CPU-only torch, or no driver): nothing to check" >&2
+    exit 2
+fi
 
 echo "== GPU-only tests"
 python3 -m pytest -q -p no:cacheprovider --timeout 300 tests/test_cuda.py 2>&1 | tee "$out/cuda.log" || status=1
