@@ -7,8 +7,9 @@
 #
 # It needs tether's dependencies importable by `python3` and `redis-server` on PATH. It writes
 # logs to OUT_DIR (default /tmp/tether-gpu) and exits non-zero when any step failed (2: no GPU).
-# tests/test_cuda.py holds the GPU-only assertions; the rest of the suite runs as well, since
-# every test that trains or generates picks the GPU when one is present.
+# tests/test_cuda.py holds the GPU-only assertions; the suite's tests that train, generate,
+# score or save models run too (the whole suite with `all`), since each picks the GPU when one
+# is present; then `tether demo` and benchmarks/cycle.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/tether-gpu}
