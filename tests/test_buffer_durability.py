@@ -62,9 +62,9 @@ def test_acknowledged_pairs_survive_sigkill_with_appendfsync_always(tmp_path: Pa
         buf.close()
 
 
-def test_a_write_torn_by_a_crash_is_dropped_whole(tmp_path: Path) -> None:
-    """A crash in the middle of appending a cycle to the AOF: on restart, none of it is there."""
-    cfg = BufferConfig(appendfsync="always")
+def two_cycles_then_sigkill(tmp_path: Path, cfg: BufferConfig) -> tuple[Path, bytes, int]:
+    """Cycle 0 (100 pairs) and cycle 1 (1000) written, then redis-server SIGKILLed: the AOF's
+    incr file, its bytes, and where the last cycle's MULTI starts in them."""
     with LocalRedis(tmp_path, appendfsync="always") as server:
         buf = ReplayBuffer.connect(cfg, url=server.url)
         buf.add(cycle(100, 0))
@@ -73,7 +73,13 @@ def test_a_write_torn_by_a_crash_is_dropped_whole(tmp_path: Path) -> None:
         server.kill()
     (aof,) = (tmp_path / "appendonlydir").glob("*.incr.aof")
     data = aof.read_bytes()
-    start = data.rindex(b"MULTI")  # the last cycle's transaction
+    return aof, data, data.rindex(b"MULTI")
+
+
+def test_a_write_torn_by_a_crash_is_dropped_whole(tmp_path: Path) -> None:
+    """A crash in the middle of appending a cycle to the AOF: on restart, none of it is there."""
+    cfg = BufferConfig(appendfsync="always")
+    aof, data, start = two_cycles_then_sigkill(tmp_path, cfg)
     aof.write_bytes(data[: start + (len(data) - start) // 2])  # the crash cut it in half
     with LocalRedis(tmp_path, appendfsync="always") as server:
         buf = ReplayBuffer.connect(cfg, url=server.url)
@@ -88,19 +94,10 @@ def test_a_torn_write_stays_dropped_after_the_next_write_and_restart(tmp_path: P
     it, then replays the torn half at the following restart (pairs with no index entries: the
     fault suite found it; valkey-io/valkey#4342). LocalRedis compacts such an AOF on start."""
     cfg = BufferConfig(appendfsync="always")
-    with LocalRedis(tmp_path, appendfsync="always") as server:
-        buf = ReplayBuffer.connect(cfg, url=server.url)
-        buf.add(cycle(100, 0))
-        buf.add(cycle(1000, 1))
-        buf.close()
-        server.kill()
-    (aof,) = (tmp_path / "appendonlydir").glob("*.incr.aof")
-    data = aof.read_bytes()
-    start = data.rindex(b"MULTI")
+    aof, data, start = two_cycles_then_sigkill(tmp_path, cfg)
     # Cut inside the second command of the transaction: MULTI and its first write (the pair
     # hash) are whole, the indexes are torn.
-    first = data.index(b"*", start + len(b"MULTI\r\n"))
-    second = data.index(b"\r\n*", data.index(b"HSET", first)) + 2
+    second = data.index(b"\r\n*", data.index(b"HSET", start)) + 2  # the command after the HSET
     aof.write_bytes(data[: second + 40])
     with LocalRedis(tmp_path, appendfsync="always") as server:
         buf = ReplayBuffer.connect(cfg, url=server.url)
