@@ -251,8 +251,9 @@ def train(
     policy itself, whose adapter is then disabled) to run the reference forward on every micro-
     batch instead (one extra forward per step; kept for comparison with TRL's
     `precompute_ref_log_probs=False`). `autocast_dtype` is the forward's precision ("auto": bf16
-    on a bf16-capable GPU; pass the one the reference log-probs were computed in). `on_step(metrics)` is called after every `log_every`-th step;
-    an exception from it stops the run (the last snapshot stays, for resume).
+    on a bf16-capable GPU; pass the one the reference log-probs were computed in).
+    `on_step(metrics)` is called after every `log_every`-th step; an exception from it stops the
+    run (the last snapshot stays, for resume).
     """
     from accelerate import Accelerator  # heavy import, only when training
 

@@ -20,7 +20,7 @@ from offline.train import TrainConfig, train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 
-from test_train import learnable_pairs, random_pairs, reference_of, tiny_model  # noqa: E402
+from test_train import Killed, learnable_pairs, random_pairs, reference_of, tiny_model  # noqa: E402
 
 
 def test_bf16_training_starts_at_log2_and_learns() -> None:
@@ -71,9 +71,6 @@ def test_resume_on_cuda_follows_the_uninterrupted_run(tmp_path: Path) -> None:
                             resume_dir=resume_dir, on_step=on_step)
 
     model_a, full = run(tmp_path / "a")
-
-    class Killed(Exception):
-        pass
 
     def kill_after_7(metrics: dict) -> None:
         if metrics["step"] == 7:
