@@ -71,6 +71,13 @@ class GenerationConfig(Section):
     """openai backend: re-sends after a 408/409/425/429/5xx, a timeout or a connection error."""
     retry_backoff_s: float = Field(default=0.5, ge=0.0)
     """openai backend: first retry delay, doubled each retry (a Retry-After header wins)."""
+    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=0.95)
+    """vllm backend: the share of the GPU's memory vLLM may take (weights + KV cache). The
+    policy being trained is on the same GPU in the same process, and vLLM refuses to start when
+    less than this share is free (its own default, 0.9, fails beside any sizeable policy)."""
+    vllm_max_model_len: int | None = Field(default=None, gt=0)
+    """vllm backend: longest prompt + response in tokens (None: the model's own limit, which
+    may need more KV cache than the memory share above holds)."""
 
     @model_validator(mode="after")
     def _server_needs_url(self) -> GenerationConfig:
@@ -365,7 +372,11 @@ class VLLMGenerator:
                 "generation.backend 'vllm' needs a CUDA GPU: run it on a GPU machine with `tether[vllm]`"
             )
         self.cfg, self.policy_version, self._vllm = cfg, policy_version, vllm
-        self.llm = vllm.LLM(model=str(model_dir))
+        self.llm = vllm.LLM(
+            model=str(model_dir),
+            gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
+            max_model_len=cfg.vllm_max_model_len,
+        )
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: Sequence[Prompt], k: int, seed: int) -> list[Generation]:

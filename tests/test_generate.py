@@ -400,6 +400,16 @@ def test_vllm_without_gpu_or_package_says_what_to_install(tmp_path):
         build_generator(GenerationConfig(backend="vllm"), tmp_path, "v")
 
 
+def test_vllm_memory_share_is_bounded():
+    """vLLM beside the policy in one process: its memory share must leave room (<= 0.95)."""
+    assert GenerationConfig().vllm_gpu_memory_utilization == 0.3
+    for bad in (0.0, 0.99, 1.5):
+        with pytest.raises(ValidationError, match="vllm_gpu_memory_utilization"):
+            GenerationConfig(backend="vllm", vllm_gpu_memory_utilization=bad)
+    with pytest.raises(ValidationError, match="vllm_max_model_len"):
+        GenerationConfig(backend="vllm", vllm_max_model_len=0)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _vllm_runnable(), reason="needs vllm (tether[vllm]) and a CUDA GPU")
 def test_vllm_generates_k_samples_per_prompt(tmp_path):
