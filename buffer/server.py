@@ -270,7 +270,7 @@ class LocalRedis:
         transaction's MULTI. Memory is right (the open MULTI never ran), the file is not: the
         next write's MULTI...EXEC is appended after the open MULTI, and the restart after that
         runs the torn half too (the fault suite caught pairs with no index entries; fixed
-        upstream in valkey-io/valkey#4342). BGREWRITEAOF writes a new base from memory and
+        in the Valkey fork by valkey-io/valkey#4342). BGREWRITEAOF writes a new base from memory and
         retires the torn file, so nothing is ever appended after it.
         """
         if not any("Truncating the AOF" in line for line in self._own_log_lines()):
