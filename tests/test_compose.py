@@ -9,6 +9,8 @@ There is no Docker engine (and no GPU) here, so nothing is started. What is chec
 - docker/weights_sync.py against the real pointer format (`offline.pointer.promote`).
 - docker/vllm-serve.sh with a fake `vllm` binary: waits for the first promotion, restarts the
   server when the `current` link flips, stops cleanly on SIGTERM.
+- docker/redis-start.sh: the argv it hands the image's entrypoint (a stand-in), and, with a real
+  redis-server, the rewrite of an AOF whose torn tail a start cut off.
 """
 
 from __future__ import annotations
@@ -146,29 +148,100 @@ def test_start_order_is_gated_on_health(compose):
 def test_redis_persists_with_aof_and_optional_password(compose):
     redis = service(compose, "redis")
     assert redis["image"].split(":")[0] == "redis" and redis["image"].split(":")[1].startswith("7")
-    cmd = " ".join(command_args(redis))
-    assert "--appendonly yes" in cmd and "--appendfsync everysec" in cmd
-    # requirepass only when the variable is set, expanded by the container's shell ($$ in compose).
-    assert '$${TETHER_REDIS_PASSWORD:+--requirepass "$$TETHER_REDIS_PASSWORD"}' in cmd
+    assert redis["entrypoint"] == ["sh", "/opt/tether/redis-start.sh"]
+    assert mounts(redis)["/opt/tether/redis-start.sh"] == ("./docker/redis-start.sh", "ro")
     assert env_of(redis)["TETHER_REDIS_PASSWORD"] == "${TETHER_REDIS_PASSWORD:-}"
     assert mounts(redis)["/data"][0] == "redis-data"
     assert "PONG" in " ".join(redis["healthcheck"]["test"])
 
 
+REDIS_START = ROOT / "docker" / "redis-start.sh"
+
+
+def run_redis_start(tmp_path: Path, env: dict[str, str], entrypoint: str) -> subprocess.Popen:
+    """docker/redis-start.sh with `docker-entrypoint.sh` replaced by `entrypoint` (a shell body)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    stand_in = bin_dir / "docker-entrypoint.sh"
+    stand_in.write_text("#!/bin/sh\n" + entrypoint + "\n")
+    stand_in.chmod(0o755)
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", **env}
+    return subprocess.Popen(["sh", str(REDIS_START)], env=full, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
 @pytest.mark.parametrize("password", ["", "p@ss w'rd"])
-def test_redis_command_adds_requirepass_only_when_set(compose, tmp_path, password):
-    """Run the command's shell line (after compose's `$$` -> `$`) against a stand-in entrypoint."""
-    if shutil.which("sh") is None:
-        pytest.skip("needs a POSIX sh")
-    entrypoint = tmp_path / "docker-entrypoint.sh"
-    entrypoint.write_text('#!/bin/sh\nprintf "%s\\n" "$@"\n')
-    entrypoint.chmod(0o755)
-    sh, flag, line = command_args(service(compose, "redis"))
-    env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "TETHER_REDIS_PASSWORD": password}
-    out = subprocess.run([sh, flag, line.replace("$$", "$")], env=env, capture_output=True, text=True, check=True)
-    argv = out.stdout.splitlines()
-    base = ["redis-server", "--appendonly", "yes", "--appendfsync", "everysec", "--dir", "/data"]
+def test_redis_start_passes_aof_flags_and_requirepass_only_when_set(tmp_path, password):
+    """The argv redis-start.sh gives the image's entrypoint (a stand-in that prints it)."""
+    data = tmp_path / "data"
+    proc = run_redis_start(
+        tmp_path, {"TETHER_REDIS_PASSWORD": password, "TETHER_REDIS_DATA": str(data), "TETHER_REDIS_PORT": "1"},
+        'printf "ARG %s\\n" "$@"',
+    )
+    proc.wait(timeout=20)  # the stand-in printed and exited
+    os.killpg(proc.pid, signal.SIGKILL)  # the log echo and the checker (no server ever came) remain
+    out = proc.stdout.read()
+    argv = [line[4:] for line in out.splitlines() if line.startswith("ARG ")]
+    base = ["redis-server", "--port", "1", "--appendonly", "yes", "--appendfsync", "everysec",
+            "--dir", str(data), "--logfile", str(data / "redis-server.log")]
     assert argv == (base + ["--requirepass", password] if password else base)
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-cli") is None,
+                    reason="needs redis-server and redis-cli")
+def test_redis_start_rewrites_an_aof_whose_torn_tail_it_cut(tmp_path):
+    """A torn last transaction (cut inside its MULTI, see tests/test_buffer_durability.py): the
+    compose redis drops it, rewrites the AOF, and the torn half stays out after the next write
+    and restart."""
+    from buffer.server import free_port, resp_command
+    from buffer.store import ReplayBuffer
+    from test_buffer_durability import assert_consistent, cycle, two_cycles_then_sigkill
+
+    data = tmp_path / "data"
+    cfg = BufferConfig(appendfsync="always")
+    aof, raw, start = two_cycles_then_sigkill(data, cfg)
+    second = raw.index(b"\r\n*", raw.index(b"HSET", start)) + 2
+    aof.write_bytes(raw[: second + 40])
+    port = free_port()
+    env = {"TETHER_REDIS_DATA": str(data), "TETHER_REDIS_PORT": str(port), "TETHER_REDIS_PASSWORD": ""}
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def serve() -> subprocess.Popen:
+        proc = run_redis_start(tmp_path, env, 'exec "$@"')
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                if resp_command(port, "PING") == "PONG":
+                    return proc
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError("redis-start.sh did not bring redis-server up")
+
+    def stop(proc: subprocess.Popen) -> str:
+        os.killpg(proc.pid, signal.SIGTERM)  # as `docker compose stop`: redis fsyncs and exits
+        out, _ = proc.communicate(timeout=20)
+        return out
+
+    proc = serve()
+    deadline = time.monotonic() + 20  # the rewrite runs in the background once PING answers
+    while "Background AOF rewrite finished successfully" not in (data / "redis-server.log").read_text():
+        assert time.monotonic() < deadline, (data / "redis-server.log").read_text()[-2000:]
+        time.sleep(0.05)
+    buf = ReplayBuffer.connect(cfg, url=url)
+    assert buf.stats().per_cycle == {0: 100}
+    buf.add(cycle(50, 2))
+    buf.close()
+    out = stop(proc)
+    assert "the AOF had a torn tail" in out and "Truncating the AOF" in out  # the log reached stdout
+    proc = serve()
+    buf = ReplayBuffer.connect(cfg, url=url)
+    try:
+        assert buf.stats().per_cycle == {0: 100, 2: 50}
+        assert buf.client.hlen(f"{cfg.namespace}:pairs") == 150
+        assert_consistent(buf)
+    finally:
+        buf.close()
+        stop(proc)
 
 
 def test_postgres_and_prefect_server(compose):
@@ -202,6 +275,7 @@ def test_volumes_are_declared_and_mounted(compose):
                 used.add(source)
     assert used == declared == {"redis-data", "postgres-data", "state", "checkpoints", "vllm-cache"}
     assert (ROOT / "docker" / "vllm-serve.sh").is_file()  # bind-mounted into the vllm container
+    assert (ROOT / "docker" / "redis-start.sh").is_file()  # and this one into redis
 
 
 def test_gpu_reservations(compose):
