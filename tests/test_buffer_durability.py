@@ -76,6 +76,13 @@ def two_cycles_then_sigkill(tmp_path: Path, cfg: BufferConfig) -> tuple[Path, by
     return aof, data, data.rindex(b"MULTI")
 
 
+def tear_inside_multi(aof: Path, data: bytes, start: int) -> None:
+    """Cut the AOF inside the transaction at `start`, in its second command: MULTI and the first
+    write (the pair hash) whole, the index writes torn, as a crash mid-append can leave it."""
+    second = data.index(b"\r\n*", data.index(b"HSET", start)) + 2  # the command after the HSET
+    aof.write_bytes(data[: second + 40])
+
+
 def test_a_write_torn_by_a_crash_is_dropped_whole(tmp_path: Path) -> None:
     """A crash in the middle of appending a cycle to the AOF: on restart, none of it is there."""
     cfg = BufferConfig(appendfsync="always")
@@ -94,11 +101,7 @@ def test_a_torn_write_stays_dropped_after_the_next_write_and_restart(tmp_path: P
     it, then replays the torn half at the following restart (pairs with no index entries: the
     fault suite found it; valkey-io/valkey#4342). LocalRedis compacts such an AOF on start."""
     cfg = BufferConfig(appendfsync="always")
-    aof, data, start = two_cycles_then_sigkill(tmp_path, cfg)
-    # Cut inside the second command of the transaction: MULTI and its first write (the pair
-    # hash) are whole, the indexes are torn.
-    second = data.index(b"\r\n*", data.index(b"HSET", start)) + 2  # the command after the HSET
-    aof.write_bytes(data[: second + 40])
+    tear_inside_multi(*two_cycles_then_sigkill(tmp_path, cfg))
     with LocalRedis(tmp_path, appendfsync="always") as server:
         buf = ReplayBuffer.connect(cfg, url=server.url)
         assert buf.stats().per_cycle == {0: 100}

@@ -195,13 +195,11 @@ def test_redis_start_rewrites_an_aof_whose_torn_tail_it_cut(tmp_path):
     and restart."""
     from buffer.server import free_port, resp_command
     from buffer.store import ReplayBuffer
-    from test_buffer_durability import assert_consistent, cycle, two_cycles_then_sigkill
+    from test_buffer_durability import assert_consistent, cycle, tear_inside_multi, two_cycles_then_sigkill
 
     data = tmp_path / "data"
     cfg = BufferConfig(appendfsync="always")
-    aof, raw, start = two_cycles_then_sigkill(data, cfg)
-    second = raw.index(b"\r\n*", raw.index(b"HSET", start)) + 2
-    aof.write_bytes(raw[: second + 40])
+    tear_inside_multi(*two_cycles_then_sigkill(data, cfg))
     port = free_port()
     env = {"TETHER_REDIS_DATA": str(data), "TETHER_REDIS_PORT": str(port), "TETHER_REDIS_PASSWORD": ""}
     url = f"redis://127.0.0.1:{port}/0"
