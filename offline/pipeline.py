@@ -70,9 +70,10 @@ def tokenize_dataset(dataset: PreferenceDataset, tokenizer, cfg: DataConfig) -> 
     )
 
 
-def reference_id_of(model_dir: Path) -> str:
-    """The reference's identity: the content id of the checkpoint it is loaded from."""
-    return model_id(model_dir)
+def reference_id_of(model_dir: Path, autocast_dtype: torch.dtype | None) -> str:
+    """The reference's cache key: the content id of the checkpoint it is loaded from, and the
+    precision its log-probs are computed in (`offline.reference.precision_id`)."""
+    return precision_id(model_id(model_dir), autocast_dtype)
 
 
 def ensure_reference_logps(
@@ -88,7 +89,7 @@ def ensure_reference_logps(
     With LoRA the reference is the policy with its adapter disabled (no second copy); for full
     fine-tuning a frozen copy is loaded only when some pair is missing, then freed.
     """
-    reference_id = precision_id(reference_id_of(reference_dir), policy.autocast_dtype)
+    reference_id = reference_id_of(reference_dir, policy.autocast_dtype)
     cache = ReferenceLogpCache(cache_dir)
     pad = policy.tokenizer.pad_token_id
     missing = sum(cache.get(reference_id, p) is None for p in pairs)

@@ -29,13 +29,13 @@ from typing import Any, Callable, Iterator, Literal, TypeVar
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from offline.checkpoint import CheckpointRef, is_complete, model_id
+from offline.checkpoint import CheckpointRef, is_complete
 from offline.data import DataConfig, load_preference_dataset
 from offline.models import LoadedPolicy, ModelConfig, load_policy, load_reference, resolve_model_dir
 from offline.pairs import PreferencePair
-from offline.pipeline import save_policy, train_policy
+from offline.pipeline import reference_id_of, save_policy, train_policy
 from offline.pointer import promote, read_current
-from offline.reference import ReferenceLogpCache, compute_reference_logps, precision_id
+from offline.reference import ReferenceLogpCache, compute_reference_logps
 from offline.section import Section
 from offline.tokenize import tokenize_pairs
 from offline.train import TrainConfig
@@ -260,7 +260,7 @@ def reference_logps_for(
     """Token ids of `pairs` and pi_0's log-probs (in the policy's training precision), computed
     only for pairs not cached before."""
     toks = tokenize_pairs(pairs, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
-    reference_id = precision_id(model_id(reference_dir), autocast_dtype)
+    reference_id = reference_id_of(reference_dir, autocast_dtype)
     cache = ReferenceLogpCache(cache_dir)
     if all(cache.get(reference_id, t) is not None for t in toks):
         model = None
