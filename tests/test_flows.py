@@ -149,6 +149,31 @@ def test_a_second_cycle_skips_while_one_holds_the_lock(offline_run, state_dir, r
     assert "taken" in rep["reason"]
 
 
+def test_a_flow_run_makes_no_storage_lookup_or_csrf_round_trip(offline_run, state_dir, redis_url, monkeypatch):
+    """A flow run's synchronous API calls are its own bookkeeping: with `FLOW_RESULTS` and the
+    serverless client settings, no default-result-storage lookups and no CSRF token fetch."""
+    import httpx
+
+    from buffer.config import BufferConfig
+    from buffer.store import ReplayBuffer
+
+    paths: list[str] = []
+    real_send = httpx.Client.send
+
+    def recording_send(self, request, **kwargs):
+        paths.append(request.url.path)
+        return real_send(self, request, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "send", recording_send)
+    buf = ReplayBuffer.connect(BufferConfig(url=redis_url))
+    with buf.lock("cycle:demo", ttl_s=60, blocking=False):  # the cycle skips: only the flow run's own calls
+        rep = flows.refresh_cycle(CONFIG, overrides(state_dir, redis_url), run_label="calls", progress=False)
+    buf.close()
+    assert rep["skipped"] is True
+    assert any(p.endswith("/flow_runs/") for p in paths), paths  # the recorder saw the run being created
+    assert not [p for p in paths if p.endswith(("/admin/storage", "/csrf-token"))], paths
+
+
 def test_schedule_is_created_updated_and_read_back(harness, state_dir):
     from orchestrator import schedule
 
