@@ -65,11 +65,15 @@ def api_cpu_seconds() -> float:
 
 
 @contextmanager
-def prefect_defaults() -> Iterator[None]:
-    """Prefect's own client defaults for one run (heartbeats stay off: their ~1 s join per run
-    was settled earlier and would swamp the rest)."""
+def client_settings(variant: str) -> Iterator[None]:
+    """For the "Prefect defaults" variants, Prefect's own client defaults for one run (heartbeats
+    stay off: their ~1 s join per run was settled earlier and would swamp the rest); otherwise
+    tether's serverless settings, already in force."""
     from prefect.settings import temporary_settings
 
+    if not variant.endswith("Prefect defaults"):
+        yield
+        return
     with temporary_settings(restore_defaults={"client.csrf_support_enabled", "api.ssl_cert_file"}):
         yield
 
@@ -104,22 +108,19 @@ def _nothing(step: str) -> str:
 def time_empty_cycles(pairs: int) -> dict[str, dict[str, float]]:
     """Median wall time and API CPU of the empty cycle-shaped flow, tuned vs Prefect defaults."""
     tuned, stock = empty_cycle_flows()
-    tuned()
-    with prefect_defaults():
-        stock()
-    out: dict[str, list[tuple[float, float]]] = {"flow": [], "flow, Prefect defaults": []}
+    variants = (("flow", tuned), ("flow, Prefect defaults", stock))
+    for variant, fn in variants:  # warm-up
+        with client_settings(variant):
+            fn()
+    out: dict[str, list[tuple[float, float]]] = {v: [] for v, _ in variants}
     for _ in range(pairs):
-        for variant, fn in (("flow", tuned), ("flow, Prefect defaults", stock)):
+        for variant, fn in variants:
             time.sleep(0.5)  # the API finishes recording the previous run
             api0 = api_cpu_seconds()
-            t = time.perf_counter()
-            if variant == "flow":
+            with client_settings(variant):
+                t = time.perf_counter()
                 fn()
-            else:
-                with prefect_defaults():
-                    t = time.perf_counter()
-                    fn()
-            wall = time.perf_counter() - t
+                wall = time.perf_counter() - t
             time.sleep(0.5)
             out[variant].append((wall, api_cpu_seconds() - api0))
     return {v: {"wall": statistics.median(w for w, _ in r), "api": statistics.median(a for _, a in r)}
@@ -192,16 +193,14 @@ def main() -> None:
                 reset()
                 time.sleep(1.0)  # let the API process finish the previous run's events
                 api0 = api_cpu_seconds()
-                t = time.perf_counter()
-                if variant == "plain":
-                    rep = run_cycle_locked(flows.cycle_inputs(load_config(args.config, overrides)), buf, progress=False).model_dump()
-                elif variant == "flow":
-                    rep = tuned(args.config, overrides, run_label=f"bench-{i}", progress=False)
-                else:
-                    with prefect_defaults():
-                        t = time.perf_counter()
-                        rep = stock(args.config, overrides, run_label=f"bench-defaults-{i}", progress=False)
-                wall = time.perf_counter() - t
+                with client_settings(variant):
+                    t = time.perf_counter()
+                    if variant == "plain":
+                        rep = run_cycle_locked(flows.cycle_inputs(load_config(args.config, overrides)), buf, progress=False).model_dump()
+                    else:
+                        flow_fn = tuned if variant == "flow" else stock
+                        rep = flow_fn(args.config, overrides, run_label=f"bench-{i}", progress=False)
+                    wall = time.perf_counter() - t
                 time.sleep(1.0)
                 api = api_cpu_seconds() - api0
                 assert rep["index"] == 1, rep["index"]
