@@ -69,7 +69,7 @@ def serverless_flow_settings() -> Iterator[None]:
         return
     updates: dict[str, object] = {
         "flows.heartbeat_frequency": None,
-        "api.ssl_cert_file": str(loopback_ca_file()),
+        "api.ssl_cert_file": str(loopback_ca_file(settings.home)),
     }
     if not settings.server.api.csrf_protection_enabled:  # the local API checks no tokens
         updates["client.csrf_support_enabled"] = False
@@ -77,8 +77,8 @@ def serverless_flow_settings() -> Iterator[None]:
         yield
 
 
-def loopback_ca_file() -> Path:
-    """A CA file holding one certificate (the first of certifi's bundle), under PREFECT_HOME.
+def loopback_ca_file(home: Path) -> Path:
+    """A CA file holding one certificate (the first of certifi's bundle), in Prefect's `home`.
 
     Only for the plain-HTTP loopback API: Prefect's clients build an SSL context from
     `api.ssl_cert_file` even when the URL is `http://`, and parsing certifi's ~150 roots takes
@@ -86,9 +86,9 @@ def loopback_ca_file() -> Path:
     """
     import certifi
 
-    home = Path(os.environ.get("PREFECT_HOME") or configure_prefect())
-    path = home / "loopback-ca.pem"
+    path = Path(home) / "loopback-ca.pem"
     if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
         bundle = Path(certifi.where()).read_text()
         end = "-----END CERTIFICATE-----"
         first = bundle[bundle.index("-----BEGIN CERTIFICATE-----"): bundle.index(end) + len(end)] + "\n"

@@ -15,12 +15,13 @@ from orchestrator.runtime import loopback_ca_file, serverless_flow_settings  # n
 
 
 def test_the_loopback_ca_file_holds_exactly_one_certificate() -> None:
-    path = loopback_ca_file()
+    home = get_current_settings().home
+    path = loopback_ca_file(home)
     text = path.read_text()
     assert text.count("-----BEGIN CERTIFICATE-----") == 1 and text.rstrip().endswith("-----END CERTIFICATE-----")
     ctx = ssl.create_default_context(cafile=str(path))  # what Prefect's client builds from it
     assert ctx.cert_store_stats()["x509_ca"] == 1
-    assert loopback_ca_file() == path and path.read_text() == text  # written once
+    assert loopback_ca_file(home) == path and path.read_text() == text  # written once
 
 
 def test_serverless_settings_apply_only_without_a_server() -> None:
@@ -30,14 +31,14 @@ def test_serverless_settings_apply_only_without_a_server() -> None:
         with serverless_flow_settings():
             s = get_current_settings()
             assert s.client.csrf_support_enabled is False
-            assert s.api.ssl_cert_file == str(loopback_ca_file())
+            assert s.api.ssl_cert_file == str(loopback_ca_file(s.home))
             assert s.flows.heartbeat_frequency is None
         # Against a configured server nothing changes.
         with temporary_settings(updates={"api.url": "http://127.0.0.1:9/api"}):
             with serverless_flow_settings():
                 s = get_current_settings()
                 assert s.client.csrf_support_enabled is True
-                assert s.api.ssl_cert_file == defaults.api.ssl_cert_file != str(loopback_ca_file())
+                assert s.api.ssl_cert_file == defaults.api.ssl_cert_file != str(loopback_ca_file(s.home))
                 assert s.flows.heartbeat_frequency == defaults.flows.heartbeat_frequency is not None
         # A local API told to check CSRF tokens gets them.
         with temporary_settings(updates={"server.api.csrf_protection_enabled": True}):
