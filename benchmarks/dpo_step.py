@@ -176,7 +176,8 @@ def run_variant(variant: str, model_dir: Path, pairs_json: Path, steps: int, war
     if variant.startswith("tether"):
         from offline.reference import ReferenceLogpCache, compute_reference_logps
         from offline.tokenize import tokenize_pairs
-        from offline.train import TrainConfig, plan_steps, train
+        from offline.train import plan_steps, train
+        from offline.config import TrainConfig
 
         tokenized = tokenize_pairs(pairs, tok, MAX_LENGTH, MAX_LENGTH - 8)
         share = not variant.endswith("-paired")

@@ -38,16 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
-from pydantic import Field, model_validator
 
 from offline.pairs import PreferencePair
-from offline.section import Section
+from offline.config import HUB_PREFIX, DataConfig
 
 HH_ASSISTANT_TAG = "\n\nAssistant:"
 """Where an HH-RLHF prompt ends: the last one the two dialogues share."""
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-HUB_PREFIX = "hf:"
 
 BAD_RECORD_REASONS = (
     "duplicate_id",  # two different records carry the same `id`
@@ -73,40 +71,6 @@ LAYOUTS = (
 )
 
 Format = Literal["explicit", "chat", "hh"]
-
-
-class DataConfig(Section):
-    """Where the static preference dataset comes from and how it is validated and split."""
-
-    path: str = Field(min_length=1)
-    """Local .jsonl, .jsonl.gz or .parquet file (relative to the cwd), or 'hf:<hub id>'."""
-    hub_split: str = Field(default="train", min_length=1)
-    """Split to read when `path` is a hub id."""
-    format: Literal["auto", "explicit", "chat", "hh"] = "auto"
-    """Record shape; 'auto' detects it per file from the first JSON object's keys and types."""
-    heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
-    """Fraction of pairs held out for evaluation (hash-based, independent of record order)."""
-    split_seed: int = 0
-    """Seed of the train/held-out split; a different seed gives a different split."""
-    max_length: int = Field(default=512, ge=8)
-    """Token budget of prompt + response (+ EOS) per sequence."""
-    max_prompt_length: int = Field(default=256, ge=1)
-    """Prompt tokens kept (the last ones) before the response; must be below max_length."""
-    on_bad_record: Literal["error", "skip"] = "error"
-    """'error' stops at the first bad record; 'skip' drops bad records, counted per reason."""
-    limit: int | None = Field(default=None, gt=0)
-    """Keep only the first N valid, distinct pairs (smoke runs); None keeps all."""
-
-    @model_validator(mode="after")
-    def _check(self) -> DataConfig:
-        if self.max_prompt_length >= self.max_length:
-            raise ValueError(
-                f"max_prompt_length ({self.max_prompt_length}) must be below "
-                f"max_length ({self.max_length}) to leave room for the response"
-            )
-        if self.path.startswith(HUB_PREFIX) and not self.path[len(HUB_PREFIX) :].strip():
-            raise ValueError("path 'hf:' needs a hub id after it, e.g. 'hf:Anthropic/hh-rlhf'")
-        return self
 
 
 class DataError(ValueError):

@@ -16,35 +16,12 @@ Notation: h = log pi(y_w)/pi_ref(y_w) - log pi(y_l)/pi_ref(y_l), the difference 
 
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 
-from offline.section import Section
-
-
-class LossConfig(Section):
-    """Which preference loss to optimise, and its strength."""
-
-    type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
-    """Loss: sigmoid (DPO / cDPO), ipo, hinge (SLiC/RSO) or robust (rDPO)."""
-    beta: float = Field(default=0.1, gt=0)
-    """KL strength: larger keeps the policy closer to the reference (IPO's tau)."""
-    label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5)
-    """Assumed fraction of flipped labels (sigmoid: conservative DPO; robust: rDPO)."""
-    sft_weight: float = Field(default=0.0, ge=0.0)
-    """Weight of an added length-normalised NLL term on the chosen response (0 = off)."""
-
-    @model_validator(mode="after")
-    def _smoothing_only_where_defined(self) -> LossConfig:
-        if self.label_smoothing > 0 and self.type not in ("sigmoid", "robust"):
-            raise ValueError(
-                f"label_smoothing={self.label_smoothing} has no meaning for loss type {self.type!r}: "
-                "set it to 0 or use type 'sigmoid' (cDPO) or 'robust' (rDPO)"
-            )
-        return self
+from offline.config import LossConfig
 
 
 class LossOutput(NamedTuple):

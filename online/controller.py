@@ -27,40 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pydantic import Field, model_validator
 
-from offline.section import Section
-
-
-class ControllerConfig(Section):
-    """KL budget and the bounds within which the controller moves the mix and beta."""
-
-    kl_budget: float = Field(default=5.0, gt=0.0)
-    """Most KL(policy || reference) per sequence, in nats, that a promoted policy may have."""
-    target_fraction: float = Field(default=0.8, gt=0.0, le=1.0)
-    """Fraction of the budget the controller aims under (headroom for estimator noise)."""
-    min_anchor_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
-    """Anchor (offline) share of a cycle's training pairs when the KL is near zero."""
-    max_anchor_fraction: float = Field(default=0.8, ge=0.0, le=1.0)
-    """Anchor share once the KL reaches the target (and whenever it is over budget)."""
-    relax_step: float = Field(default=0.2, gt=0.0, le=1.0)
-    """Most the anchor fraction may fall in one cycle (rises are never limited)."""
-    adapt_beta: bool = False
-    """Also adapt the DPO beta (raise it when KL is above target, lower it when below)."""
-    beta_min: float = Field(default=0.01, gt=0.0)
-    """Lowest beta the controller may set."""
-    beta_max: float = Field(default=1.0, gt=0.0)
-    """Highest beta the controller may set."""
-    beta_step: float = Field(default=0.2, gt=0.0, lt=1.0)
-    """Largest relative change of beta in one cycle (0.2: x0.8 .. x1.2)."""
-
-    @model_validator(mode="after")
-    def _ordered(self) -> ControllerConfig:
-        if self.min_anchor_fraction > self.max_anchor_fraction:
-            raise ValueError("min_anchor_fraction must be <= max_anchor_fraction")
-        if self.beta_min > self.beta_max:
-            raise ValueError("beta_min must be <= beta_max")
-        return self
+from online.config import ControllerConfig
 
 
 @dataclass(frozen=True)

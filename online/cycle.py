@@ -24,69 +24,32 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from offline.checkpoint import CheckpointRef, is_complete
-from offline.data import DataConfig, load_preference_dataset
-from offline.models import LoadedPolicy, ModelConfig, load_policy, load_reference, resolve_model_dir
+from offline.data import load_preference_dataset
+from offline.config import DataConfig, ModelConfig, TrainConfig
+from offline.models import LoadedPolicy, load_policy, load_reference, resolve_model_dir
 from offline.pairs import PreferencePair
 from offline.pipeline import reference_id_of, save_policy, train_policy
 from offline.pointer import promote, read_current
 from offline.reference import ReferenceLogpCache, compute_reference_logps
-from offline.section import Section
+from online.config import GenerationConfig, JudgeConfig, OnlineConfig
 from offline.tokenize import tokenize_pairs
-from offline.train import TrainConfig
-from online.controller import ControllerConfig, next_mix
-from online.gate import EvalSummary, GateConfig, decide_promotion
-from online.generate import GenerationConfig, build_generator
-from online.judge import JudgeConfig, build_judge
+from online.controller import next_mix
+from online.gate import EvalSummary, decide_promotion
+from online.generate import build_generator
+from online.judge import build_judge
 from online.judge_local import load_callable
 from online.kl import KLEstimate, estimate_kl
-from online.prompts import Prompt, PromptPoolConfig, load_prompt_pool, sample_prompts
+from online.prompts import Prompt, load_prompt_pool, sample_prompts
 from online.types import Generation, JudgeStats
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-class OnlineConfig(Section):
-    """Online refresh cycles: what to generate, how to judge, how to mix, when to promote."""
-
-    cycles: int = Field(default=2, ge=1)
-    """Cycles `tether demo` (and `tether report`) run after the offline baseline."""
-    prompts: PromptPoolConfig
-    """The prompt pool (its held-out part is the evaluation and KL prompt set)."""
-    generation: GenerationConfig = GenerationConfig()
-    """How the current policy samples responses."""
-    judge: JudgeConfig
-    """Who labels the samples into preference pairs."""
-    controller: ControllerConfig = ControllerConfig()
-    """KL budget and the anchor-fraction/beta controller."""
-    gate: GateConfig = GateConfig()
-    """Promotion gate: regression tolerance and metric."""
-    initial_anchor_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
-    """Anchor share of the first cycle's training set (later cycles: the controller's)."""
-    train_pairs: int = Field(default=128, gt=0)
-    """Pairs in each cycle's mixed training set."""
-    train: TrainConfig | None = None
-    """Training settings for cycles (None: the top-level `train` section)."""
-    eval_samples: int = Field(default=2, ge=1)
-    """Samples per held-out prompt when scoring a policy."""
-    eval_max_prompts: int = Field(default=96, gt=0)
-    """At most this many held-out prompts per evaluation (first N, fixed across cycles)."""
-    kl_prompts: int = Field(default=32, gt=0)
-    """Held-out prompts the KL(policy || reference) estimate samples from."""
-    kl_samples: int = Field(default=2, ge=1)
-    """Policy samples per KL prompt."""
-    lock_ttl_s: float = Field(default=120.0, gt=0)
-    """The cycle lock expires this long after a crashed holder's last heartbeat (sent every ttl/3)."""
-    on_busy: Literal["skip", "wait"] = "skip"
-    """When another cycle holds the lock: skip this run (and say so), or wait for it."""
-    wait_timeout_s: float | None = Field(default=None, gt=0)
-    """With on_busy=wait: give up after this long (None: wait as long as it takes)."""
 
 
 class StageTimes(BaseModel):

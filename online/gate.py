@@ -23,24 +23,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from offline.section import Section
+from online.config import GateConfig
 
 # Deltas are differences of floats: 0.50 - 0.52 is -0.020000000000000018, which must still
 # count as "exactly at the tolerance".
 _EPS = 1e-9
-
-
-class GateConfig(Section):
-    """When a candidate counts as a regression."""
-
-    tolerance: float = Field(default=0.02, ge=0.0)
-    """Largest drop per category (reward units or win-rate points) that still promotes."""
-    metric: Literal["reward", "win_rate"] = "reward"
-    """Compare rule/reward-model rewards, or the judge's win rate against the current policy."""
 
 
 class EvalSummary(BaseModel):

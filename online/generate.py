@@ -27,65 +27,18 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 import httpx
 import torch
-from pydantic import Field, model_validator
 
-from offline.section import Section
+from online.config import GenerationConfig
 from online.prompts import Prompt
 from online.types import Generation
 
 # Transient failures worth a re-send; any other non-2xx status fails at once.
 _RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 _MAX_BACKOFF_S = 30.0
-
-
-class GenerationConfig(Section):
-    """How the policy's samples are produced (backend and sampling parameters)."""
-
-    backend: Literal["hf", "openai", "vllm"] = "hf"
-    """hf: transformers in-process (CPU default); openai: a completions server; vllm: in-process GPU."""
-    k: int = Field(default=4, ge=2)
-    """Responses sampled per prompt (pairs are formed among them)."""
-    temperature: float = Field(default=1.0, gt=0.0)
-    """Softmax temperature (1.0 samples the policy itself)."""
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    """Nucleus sampling mass (1.0 = off)."""
-    max_new_tokens: int = Field(default=64, gt=0)
-    """Most tokens per response."""
-    batch_size: int = Field(default=16, gt=0)
-    """hf backend: prompts per `generate` call (each expands to k sequences)."""
-    base_url: str | None = None
-    """openai backend: server root including the API prefix, e.g. http://localhost:8000/v1."""
-    model: str | None = None
-    """openai backend: served model name; default the checkpoint dir (vllm serve's default name)."""
-    api_key_env: str = "TETHER_GENERATION_API_KEY"
-    """openai backend: name of the env var holding the API key (unset = no auth header)."""
-    concurrency: int = Field(default=8, gt=0)
-    """openai backend: requests in flight at once."""
-    timeout_s: float = Field(default=60.0, gt=0.0)
-    """openai backend: per-request timeout, seconds."""
-    max_retries: int = Field(default=3, ge=0)
-    """openai backend: re-sends after a 408/409/425/429/5xx, a timeout or a connection error."""
-    retry_backoff_s: float = Field(default=0.5, ge=0.0)
-    """openai backend: first retry delay, doubled each retry (a Retry-After header wins)."""
-    vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=0.95)
-    """vllm backend: the share of the GPU's memory vLLM may take (weights + KV cache). The
-    policy being trained is on the same GPU in the same process, and vLLM refuses to start when
-    less than this share is free (its own default, 0.9, fails beside any sizeable policy)."""
-    vllm_max_model_len: int | None = Field(default=None, gt=0)
-    """vllm backend: longest prompt + response in tokens (None: the model's own limit, which
-    may need more KV cache than the memory share above holds)."""
-
-    @model_validator(mode="after")
-    def _server_needs_url(self) -> GenerationConfig:
-        if self.backend == "openai" and not self.base_url:
-            raise ValueError(
-                "generation.backend 'openai' needs generation.base_url (e.g. http://localhost:8000/v1)"
-            )
-        return self
 
 
 class GenerationError(RuntimeError):

@@ -49,12 +49,11 @@ import tempfile
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import httpx
-from pydantic import Field, model_validator
 
-from offline.section import Section
+from online.config import JudgeConfig, LLMJudgeConfig
 from online.cost import Budget, CostMeter
 from online.judge_prompt import (
     TEMPLATE_VERSION,
@@ -72,88 +71,6 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Config
-
-
-class LLMJudgeConfig(Section):
-    """A pairwise judge behind an OpenAI-compatible chat completions API."""
-
-    base_url: str = Field(pattern=r"^https?://\S+$")
-    """API root, e.g. `https://api.openai.com/v1` (`/chat/completions` is appended)."""
-    model: str = Field(min_length=1)
-    """Judge model name sent in each request."""
-    api_key_env: str = Field(default="TETHER_JUDGE_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    """Environment variable holding the API key (unset: no Authorization header is sent)."""
-    concurrency: int = Field(default=8, gt=0, le=1024)
-    """Requests in flight at once."""
-    timeout_s: float = Field(default=30.0, gt=0)
-    """Per-request timeout (connect, read, write and pool wait each), seconds."""
-    max_retries: int = Field(default=5, ge=0)
-    """Re-sends after a 429/5xx/timeout/connection error before a request gives up."""
-    backoff_base_s: float = Field(default=0.5, gt=0)
-    """First backoff wait; doubles each retry, with jitter (when no Retry-After is sent)."""
-    backoff_max_s: float = Field(default=20.0, gt=0)
-    """Cap on one exponential backoff wait (a server's Retry-After is honoured regardless)."""
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    """Sampling temperature of the judge (0: deterministic verdicts, which makes caching sound)."""
-    max_tokens: int = Field(default=16, gt=0)
-    """Completion token cap; the verdict is one token."""
-    price_prompt_per_mtok: float = Field(default=0.0, ge=0.0)
-    """USD per 1M prompt tokens."""
-    price_completion_per_mtok: float = Field(default=0.0, ge=0.0)
-    """USD per 1M completion tokens."""
-    cache_dir: str | None = None
-    """Directory for the persistent verdict cache (None: in-memory only)."""
-
-    @model_validator(mode="after")
-    def _backoff_order(self) -> LLMJudgeConfig:
-        if self.backoff_max_s < self.backoff_base_s:
-            raise ValueError("backoff_max_s must be >= backoff_base_s")
-        return self
-
-
-class RewardModelJudgeConfig(Section):
-    """A local reward model (sequence classification, one label) scoring each response."""
-
-    path: str = Field(min_length=1)
-    """Directory of a transformers model + tokenizer (`save_pretrained` layout)."""
-    batch_size: int = Field(default=16, gt=0)
-    """Sequences per forward pass."""
-    min_margin: float = Field(default=0.0, ge=0.0)
-    """Smallest best-minus-worst score difference that makes a label (below: tie)."""
-    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
-    """Torch device; "auto" picks cuda when available, else cpu."""
-
-
-class RuleJudgeConfig(Section):
-    """A python scoring function `module:function(prompt, response) -> float`."""
-
-    function: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
-    """Import path of the scorer, `package.module:function`."""
-    min_margin: float = Field(default=0.0, ge=0.0)
-    """Smallest best-minus-worst score difference that makes a label (below: tie)."""
-
-
-class JudgeConfig(Section):
-    """Which judge labels online pairs, and the per-cycle API budget."""
-
-    kind: Literal["llm", "reward_model", "rule"]
-    """Judge kind; the section of the same name must be present."""
-    llm: LLMJudgeConfig | None = None
-    """Settings of the LLM judge (kind "llm")."""
-    reward_model: RewardModelJudgeConfig | None = None
-    """Settings of the reward-model judge (kind "reward_model")."""
-    rule: RuleJudgeConfig | None = None
-    """Settings of the rule judge (kind "rule")."""
-    max_calls: int | None = Field(default=None, gt=0)
-    """Most API requests per cycle, retries included (None: unlimited)."""
-    max_cost_usd: float | None = Field(default=None, gt=0)
-    """No new API request starts once a cycle has spent this much (None: unlimited)."""
-
-    @model_validator(mode="after")
-    def _section_for_kind(self) -> JudgeConfig:
-        if getattr(self, self.kind) is None:
-            raise ValueError(f"judge kind is {self.kind!r} but the `{self.kind}` section is missing")
-        return self
 
 
 class Judge(Protocol):

@@ -17,7 +17,7 @@ from typing import Any
 
 from online.cost import CostMeter
 from online.judge_prompt import distinct_indices
-from online.judge import RewardModelJudgeConfig, RuleJudgeConfig
+from online.config import RewardModelJudgeConfig, RuleJudgeConfig
 from online.types import Generation, Judgment, JudgeStats
 
 

@@ -27,37 +27,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field, model_validator
 
-from offline.section import Section
+from online.config import PromptPoolConfig
 
 Prompt = tuple[str, str | None]
 """A prompt (rendered text) and its category, if any."""
-
-
-class PromptPoolConfig(Section):
-    """Where online prompts come from, how they are rendered, split and sampled."""
-
-    path: Path | None = None
-    """JSONL prompt file: `{"prompt", "category"?}` or MT-Bench `{"category", "turns"}` lines."""
-    function: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
-    """Python callable `module:function` returning (prompt, category) tuples (instead of `path`)."""
-    chat_template: bool = False
-    """Render each prompt as one user turn with the tokenizer's chat template."""
-    heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
-    """Fraction of prompts kept for evaluation (chosen by a hash of the prompt text)."""
-    heldout_categories: tuple[str, ...] = ()
-    """Categories held out whole from generation: evaluated only (out-of-distribution check)."""
-    sample_per_cycle: int = Field(default=32, gt=0)
-    """Prompts drawn per online cycle."""
-    category_balanced: bool = False
-    """Draw categories round-robin (equal counts) instead of in proportion to the pool."""
-
-    @model_validator(mode="after")
-    def _one_source(self) -> PromptPoolConfig:
-        if (self.path is None) == (self.function is None):
-            raise ValueError("set exactly one of `path` (a JSONL file) or `function` (module:function)")
-        return self
 
 
 class PromptError(ValueError):

@@ -72,11 +72,11 @@ def print_metrics(title: str, metrics: dict[str, Any]) -> None:
 @app.command()
 def offline(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run the offline baseline flow: data -> DPO -> evaluated, promoted checkpoint."""
-    _load(config, set_)
+    cfg = _load(config, set_)
     from orchestrator.flows import offline_baseline
 
     with _user_errors(), serverless_flow_settings():
-        out = offline_baseline(config_path=str(config), overrides=parse_sets(set_))
+        out = offline_baseline(config_path=str(config), overrides=parse_sets(set_), config=cfg)
     print_metrics("offline baseline", out["metrics"])
     console.print(f"checkpoint: [bold]{out['checkpoint']['path']}[/bold]")
 
@@ -93,7 +93,7 @@ def data_inspect(
     cfg = _load(config, None)
     from offline.coverage import coverage_report
     from offline.data import load_preference_dataset
-    from offline.data import DataConfig
+    from offline.config import DataConfig
     from offline.models import load_tokenizer, resolve_model_dir
 
     data_cfg = DataConfig(**{**cfg.data.model_dump(), "path": str(path), "on_bad_record": "skip" if skip_bad else "error"})
@@ -148,11 +148,11 @@ def demo(
     cycles: Optional[int] = typer.Option(None, help="Refresh cycles after the baseline (default: online.cycles)."),
 ) -> None:
     """The main job: offline baseline, then online refresh cycles, each stage scored the same way."""
-    _load(config, set_)
+    cfg = _load(config, set_)
     from orchestrator.flows import hybrid_demo
 
     with _user_errors(), serverless_flow_settings():
-        out = hybrid_demo(config_path=str(config), overrides=parse_sets(set_), cycles=cycles)
+        out = hybrid_demo(config_path=str(config), overrides=parse_sets(set_), cycles=cycles, config=cfg)
     print_stages(out["stages"], out["metric"])
     console.print(f"covered categories (in the static dataset): {', '.join(out['covered'])}")
     console.print("See every run, task run, log and artifact with [bold]tether ui[/bold].")
@@ -161,11 +161,11 @@ def demo(
 @app.command()
 def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     """Run one online refresh cycle from the current policy (skips if another one is running)."""
-    _load(config, set_)
+    cfg = _load(config, set_)
     from orchestrator.flows import refresh_cycle
 
     with _user_errors(), serverless_flow_settings():
-        out = refresh_cycle(config_path=str(config), overrides=parse_sets(set_))
+        out = refresh_cycle(config_path=str(config), overrides=parse_sets(set_), config=cfg)
     if out.get("skipped"):
         console.print(f"[yellow]skipped:[/yellow] {out['reason']}")
         return

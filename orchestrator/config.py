@@ -17,10 +17,8 @@ from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from buffer.config import BufferConfig
-from offline.data import DataConfig
-from offline.models import ModelConfig
-from offline.train import TrainConfig
-from online.cycle import OnlineConfig
+from offline.config import DataConfig, ModelConfig, TrainConfig
+from online.config import OnlineConfig
 
 
 class ConfigError(ValueError):
@@ -103,6 +101,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             loc = ".".join(str(x) for x in err["loc"]) or "<root>"
             lines.append(f"  {loc}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from None
+
+
+def with_setting(cfg: TetherConfig, key: str, value: Any) -> TetherConfig:
+    """`cfg` with one setting replaced ("online.controller.kl_budget"), without re-reading the
+    file or the environment: the section that holds the field is re-validated, the rest is
+    shared. For callers that derive a variant of a config they already parsed (`tether report`'s
+    budget probe)."""
+    *parents, leaf = key.split(".")
+    chain: list[Any] = [cfg]
+    for part in parents:
+        chain.append(getattr(chain[-1], part))
+    section = chain[-1]
+    node: Any = type(section).model_validate({**section.model_dump(), leaf: value})
+    for parent, part in zip(reversed(chain[:-1]), reversed(parents)):
+        node = parent.model_copy(update={part: node})
+    return node
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:

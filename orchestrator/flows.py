@@ -45,6 +45,15 @@ FLOW_RESULTS: dict[str, Any] = {
 }
 
 
+def resolve_config(
+    config_path: str | None, overrides: dict[str, Any] | None, config: TetherConfig | None
+) -> TetherConfig:
+    """The run's config: `config` when the caller parsed it already (the CLI, a parent flow),
+    else parsed from `config_path` + `overrides`. Parsing once per command means every stage
+    of `tether demo` runs on the same resolved config, even if the file changes meanwhile."""
+    return config if config is not None else load_config(config_path, overrides)
+
+
 def _task(name: str) -> Callable[[F], F]:
     """Decorator: `fn` as a named Prefect task run whose arguments Prefect does not walk.
 
@@ -188,10 +197,10 @@ def offline_baseline(
     overrides: dict[str, Any] | None = None,
     run_label: str = "baseline",
     progress: bool = True,
+    config: TetherConfig | None = None,
 ) -> dict[str, Any]:
     """Train the offline-only baseline from a static preference dataset and promote it."""
-    cfg = load_config(config_path, overrides)
-    out = run_offline(cfg, progress=progress)
+    out = run_offline(resolve_config(config_path, overrides, config), progress=progress)
     return {k: v for k, v in out.items() if k not in ("before", "after")}
 
 
@@ -299,9 +308,10 @@ def refresh_cycle(
     overrides: dict[str, Any] | None = None,
     run_label: str = "manual",
     progress: bool = True,
+    config: TetherConfig | None = None,
 ) -> dict[str, Any]:
     """Refresh the current policy online: generate, judge, buffer, train under the KL budget, gate."""
-    return run_refresh(load_config(config_path, overrides), progress=progress)
+    return run_refresh(resolve_config(config_path, overrides, config), progress=progress)
 
 
 # -- the embedded demo / efficacy report: initial -> offline -> N cycles -------------------------
@@ -333,12 +343,13 @@ def hybrid_demo(
     run_label: str = "demo",
     cycles: int | None = None,
     progress: bool = True,
+    config: TetherConfig | None = None,
 ) -> dict[str, Any]:
     """Initial policy -> offline baseline -> N online refresh cycles, scored the same way at each stage."""
     from offline.models import resolve_model_dir
     from online.cycle import evaluate_checkpoint
 
-    cfg = load_config(config_path, overrides)
+    cfg = resolve_config(config_path, overrides, config)
     inputs = cycle_inputs(cfg)
     budget = inputs.online.controller.kl_budget
     initial_dir = resolve_model_dir(cfg.model, cfg.state_dir)  # built / converted on first use
@@ -347,7 +358,7 @@ def hybrid_demo(
     # An LLM judge has no absolute score: every stage is its win rate against pi_0's samples.
     by_win_rate = inputs.online.gate.metric == "win_rate"
     baseline = initial["samples"] if by_win_rate else None
-    off = offline_baseline(config_path, overrides, run_label=run_label, progress=progress)
+    off = offline_baseline(config_path, overrides, run_label=run_label, progress=progress, config=cfg)
     offline_eval = score(inputs, off["checkpoint"]["path"], cfg.seed, baseline)
     # "(none)" labels pairs without a category: it names no category a prompt could share.
     covered = {c["category"] for c in off["coverage"]["categories"] if c["train"] > 0 and c["category"] != "(none)"}
@@ -357,7 +368,7 @@ def hybrid_demo(
     ]
     reports = []
     for i in range(cycles if cycles is not None else inputs.online.cycles):
-        rep = refresh_cycle(config_path, overrides, run_label=f"{run_label}-{i + 1}", progress=progress)
+        rep = refresh_cycle(config_path, overrides, run_label=f"{run_label}-{i + 1}", progress=progress, config=cfg)
         reports.append(rep)
         if rep.get("skipped"):
             continue

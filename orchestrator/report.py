@@ -170,14 +170,15 @@ def machine() -> str:
 
 def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, out_dir: Path, progress: bool = False) -> dict[str, Any]:
     """Run every stage (as Prefect flows) on a clean state dir, then write and return the report."""
-    from orchestrator.config import load_config
+    from orchestrator.config import load_config, with_setting
     from orchestrator.flows import hybrid_demo, refresh_cycle
 
     t0 = time.perf_counter()
     base = load_config(config_path, overrides)
     state = fresh_state_dir(base.state_dir, out_dir)
     o = {**(overrides or {}), "state_dir": str(state)}
-    demo = hybrid_demo(config_path, o, run_label="report", cycles=cycles, progress=progress)
+    base = with_setting(base, "state_dir", state)
+    demo = hybrid_demo(config_path, o, run_label="report", cycles=cycles, progress=progress, config=base)
     rows = [dict(r) for r in demo["stages"]]
     cost = {f"cycle {c['index']}": c["judge"].get("judge/cost_per_1k_judgments", 0.0) for c in demo["cycles"] if not c.get("skipped")}
     for r in rows:
@@ -188,7 +189,8 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
     last_kl = next((r["kl/policy_ref"] for r in reversed(rows) if r["promoted"] == "yes"), 1.0)
     probe_budget = max(last_kl / 2, 1e-3)
     po = {**o, "online": {**(o.get("online") or {}), "controller": {"kl_budget": probe_budget}}}
-    rep = refresh_cycle(config_path, po, run_label="report-budget-probe", progress=progress)
+    probe_cfg = with_setting(base, "online.controller.kl_budget", probe_budget)
+    rep = refresh_cycle(config_path, po, run_label="report-budget-probe", progress=progress, config=probe_cfg)
     probe = None
     if not rep.get("skipped"):
         from orchestrator.flows import cycle_inputs, stage_row
@@ -196,7 +198,6 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
 
         after = rep["after"]
         if demo["metric"] == "win_rate":  # the same yardstick as the other rows: win rate vs pi_0
-            probe_cfg = load_config(config_path, po)
             after = evaluate_checkpoint(cycle_inputs(probe_cfg), rep["checkpoint"]["path"], base.seed, demo["baseline"],
                                         with_kl=False)["reward"]
         probe = stage_row("budget probe", after, rep["kl"], probe_budget, set(demo["covered"]),

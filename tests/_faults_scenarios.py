@@ -343,7 +343,8 @@ def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int =
     from buffer.config import BufferConfig
     from buffer.store import ReplayBuffer
     from online.cycle import add_fresh_pairs
-    from online.judge import LLMJudge, LLMJudgeConfig
+    from online.judge import LLMJudge
+    from online.config import LLMJudgeConfig
 
     row = FaultRow(f"judge: {fault}", runs=runs)
     buf = ReplayBuffer.connect(BufferConfig(url=redis_url, namespace="faults-judge"))

@@ -27,9 +27,11 @@ from buffer.config import BufferConfig
 from buffer.records import BufferedPair, InvalidRecord
 from buffer.server import LocalRedis, resp_command
 from buffer.store import BufferUnavailable, ReplayBuffer
-from offline.data import DataConfig, DataError, load_preference_dataset
+from offline.data import DataError, load_preference_dataset
+from offline.config import DataConfig
 from offline.pairs import PreferencePair
-from online.prompts import PromptError, PromptPoolConfig, load_prompt_pool
+from online.prompts import PromptError, load_prompt_pool
+from online.config import PromptPoolConfig
 from orchestrator.cli import app
 from orchestrator.config import ConfigError, load_config
 
@@ -321,7 +323,8 @@ case(
     "judge/unreachable-url", "127.0.0.1", "unreachable",
 )
 def _judge_unreachable(c: Ctx) -> str:
-    from online.judge import LLMJudge, LLMJudgeConfig
+    from online.judge import LLMJudge
+    from online.config import LLMJudgeConfig
     from online.types import Generation
 
     cfg = LLMJudgeConfig(base_url=f"http://127.0.0.1:{closed_port()}/v1", model="m", max_retries=0)

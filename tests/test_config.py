@@ -106,3 +106,28 @@ def test_cli_set_values_coerce_and_null_unsets():
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml",
                       parse_sets(["train.loss.beta=0.2", "train.save_every=null"]))
     assert cfg.train.loss.beta == 0.2 and cfg.train.save_every is None
+
+
+def test_validating_a_config_imports_no_heavy_library():
+    """`tether --help` and config errors must come back fast: the config tree is pydantic only."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from orchestrator.config import load_config; import orchestrator.cli; "
+        "load_config('configs/demo.yaml'); "
+        "print(sorted(m for m in ('torch', 'transformers', 'httpx', 'redis', 'prefect', 'datasets') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_with_setting_replaces_one_field_and_validates_it():
+    from orchestrator.config import with_setting
+
+    cfg = load_config(ROOT / "configs" / "demo.yaml")
+    probe = with_setting(cfg, "online.controller.kl_budget", 0.25)
+    assert probe.online.controller.kl_budget == 0.25 and cfg.online.controller.kl_budget != 0.25
+    assert probe.online.judge is cfg.online.judge and probe.train is cfg.train  # the rest is shared
+    with pytest.raises(ValueError, match="greater than 0"):
+        with_setting(cfg, "online.controller.kl_budget", -1.0)

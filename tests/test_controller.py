@@ -3,7 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from online.controller import ControllerConfig, next_mix, smoothstep
+from online.controller import next_mix, smoothstep
+from online.config import ControllerConfig
 
 CFG = ControllerConfig(kl_budget=2.0, target_fraction=0.8, min_anchor_fraction=0.1, max_anchor_fraction=0.7)
 BETA_CFG = CFG.model_copy(update={"adapt_beta": True, "beta_min": 0.05, "beta_max": 0.5, "beta_step": 0.2})

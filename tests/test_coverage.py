@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from _tokenizers import byte_tokenizer
 from offline.coverage import UNCATEGORISED, CoverageReport, coverage_report
-from offline.data import DataConfig, load_preference_dataset
+from offline.data import load_preference_dataset
+from offline.config import DataConfig
 
 MAX_LENGTH, MAX_PROMPT_LENGTH = 16, 8
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from offline.loss import LossConfig
-from offline.train import TrainConfig, train
+from offline.config import LossConfig, TrainConfig
+from offline.train import train
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
 

@@ -15,9 +15,9 @@ import pytest
 from pydantic import ValidationError
 
 from _tokenizers import byte_tokenizer
+from offline.config import DataConfig
 from offline.data import (
     BAD_RECORD_REASONS,
-    DataConfig,
     DataError,
     PreferenceDataset,
     dataset_fingerprint,

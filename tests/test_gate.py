@@ -3,7 +3,8 @@
 import pytest
 from pydantic import ValidationError
 
-from online.gate import EvalSummary, GateConfig, decide_promotion
+from online.gate import EvalSummary, decide_promotion
+from online.config import GateConfig
 
 CFG = GateConfig(tolerance=0.02, metric="reward")
 CURRENT = EvalSummary(per_category={"math": 0.50, "coding": 0.40, "writing": 0.70}, mean=0.53)

@@ -16,8 +16,8 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from online.config import GenerationConfig, PromptPoolConfig
 from online.generate import (
-    GenerationConfig,
     GenerationError,
     HFGenerator,
     OpenAIGenerator,
@@ -26,7 +26,6 @@ from online.generate import (
 )
 from online.prompts import (
     PromptError,
-    PromptPoolConfig,
     is_heldout,
     load_prompt_pool,
     read_prompt_file,

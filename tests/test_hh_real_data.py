@@ -18,7 +18,8 @@ import pytest
 
 from _tokenizers import bpe_tokenizer
 from offline.coverage import UNCATEGORISED, CategoryCount, coverage_report
-from offline.data import DataConfig, dataset_fingerprint, load_preference_dataset, split_pairs
+from offline.data import dataset_fingerprint, load_preference_dataset, split_pairs
+from offline.config import DataConfig
 
 # ../shared/data from the project root (tests/ -> project root -> its parent).
 HH_PATH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf-harmless/test.jsonl.gz"

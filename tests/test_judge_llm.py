@@ -11,7 +11,8 @@ import logging
 import pytest
 from fake_openai_server import FakeOpenAIServer
 
-from online.judge import JudgeAPIError, JudgeConfig, LLMJudge, LLMJudgeConfig, build_judge
+from online.judge import JudgeAPIError, LLMJudge, build_judge
+from online.config import JudgeConfig, LLMJudgeConfig
 from online.types import Generation
 
 KEY_ENV = "TETHER_TEST_JUDGE_KEY"

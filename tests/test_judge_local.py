@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from online.judge import JudgeConfig, RewardModelJudgeConfig, RuleJudgeConfig, build_judge
+from online.judge import build_judge
+from online.config import JudgeConfig, RewardModelJudgeConfig, RuleJudgeConfig
 from online.judge_local import RewardModelJudge
 from online.types import Generation
 

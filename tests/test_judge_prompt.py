@@ -8,10 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from online.cost import Budget, CostMeter, call_cost_usd
+from online.config import JudgeConfig, LLMJudgeConfig, RuleJudgeConfig
 from online.judge import (
-    JudgeConfig,
-    LLMJudgeConfig,
-    RuleJudgeConfig,
     backoff_s,
     retry_after_s,
 )

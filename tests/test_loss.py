@@ -16,10 +16,10 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from offline.config import LossConfig
 from offline.logps import collate_pairs, sequence_logps
 from offline.loss import (
     LOSSES,
-    LossConfig,
     PreferenceLogps,
     dpo_loss,
     hinge_loss,

@@ -12,10 +12,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from offline import models
 from offline.demo_task import build_demo_tokenizer
+from offline.config import LoraConfig, ModelConfig
 from offline.models import (
     LoadedPolicy,
-    LoraConfig,
-    ModelConfig,
     autocast_dtype,
     load_policy,
     load_reference,

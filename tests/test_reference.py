@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from offline.logps import collate_pairs, sequence_logps
 from offline.reference import ReferenceLogpCache, compute_reference_logps
 from offline.tokenize import TokenizedPair
-from offline.train import TrainConfig, train
+from offline.train import train
+from offline.config import TrainConfig
 
 torch.set_num_threads(1)  # tiny matmuls: extra threads only add sync cost on a shared CPU
 

@@ -101,7 +101,15 @@ def check_report(res: dict, out: Path, cycles: int) -> dict:
 
 
 @pytest.mark.slow
-def test_demo_report_end_to_end(harness, tmp_path, redis_url):
+def test_demo_report_end_to_end(harness, tmp_path, redis_url, monkeypatch):
+    import orchestrator.flows
+
+    def parse_again(*args, **kwargs):
+        raise AssertionError("a flow re-read the config: the report parses it once and passes it on")
+
+    # The report parses the config once; every flow it starts (demo, offline, cycles, probe) must
+    # run on that object, so a config file edited meanwhile cannot split one report in two.
+    monkeypatch.setattr(orchestrator.flows, "load_config", parse_again)
     overrides = small_overrides(tmp_path / "state", redis_url, epochs=None)
     res = run_report(str(ROOT / "configs" / "demo.yaml"), overrides, 1, tmp_path / "report")
     check_report(res, tmp_path / "report", 1)

@@ -189,7 +189,8 @@ def test_a_cycle_with_keys_in_the_environment_writes_them_nowhere(harness, tmp_p
 def test_a_judge_key_refused_by_the_api_is_not_echoed(monkeypatch, caplog) -> None:
     from fake_openai_server import FakeOpenAIServer
 
-    from online.judge import JudgeAPIError, LLMJudge, LLMJudgeConfig
+    from online.judge import JudgeAPIError, LLMJudge
+    from online.config import LLMJudgeConfig
     from online.types import Generation
 
     monkeypatch.setenv("TETHER_JUDGE_API_KEY", KEY)

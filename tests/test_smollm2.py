@@ -62,7 +62,8 @@ def test_convert_load_and_chat(state_dir):
 
 def test_load_policy_smollm2_with_lora(state_dir):
     """The `smollm2` name goes through `load_policy`; LoRA wraps its attention projections."""
-    from offline.models import ModelConfig, load_policy
+    from offline.models import load_policy
+    from offline.config import ModelConfig
 
     policy = load_policy(ModelConfig(name_or_path="smollm2", lora={"r": 4}), state_dir, "cpu")
     assert policy.reference is not None and policy.tokenizer.pad_token is not None

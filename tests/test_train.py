@@ -17,11 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import offline.logps as logps_mod
 from offline.logps import collate_pairs, sequence_logps
-from offline.loss import LossConfig
+from offline.config import LossConfig, TrainConfig
 from offline.models import default_device
 from offline.reference import ReferenceLogpCache, compute_reference_logps
 from offline.tokenize import TokenizedPair
-from offline.train import TrainConfig, plan_steps, train
+from offline.train import plan_steps, train
 
 torch.set_num_threads(1)  # tiny matmuls: extra threads only add sync cost on a shared CPU
 
