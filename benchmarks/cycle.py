@@ -151,8 +151,7 @@ def main() -> None:
     from buffer.config import BufferConfig
     from buffer.server import LocalRedis
     from buffer.store import ReplayBuffer
-    from offline.checkpoint import CheckpointRef
-    from offline.pointer import read_current
+    from offline.registry import PolicyRegistry
     from online.cycle import run_cycle
     from orchestrator import flows
     from orchestrator.config import load_config, set_dotted
@@ -167,19 +166,19 @@ def main() -> None:
         overrides = {**overrides, "state_dir": str(args.state_dir), "buffer": {"url": redis.url}}
         cfg = load_config(args.config, overrides)
         t0 = time.perf_counter()
-        if read_current(cfg.state_dir, cfg.name) is None:
+        if PolicyRegistry(cfg.state_dir, cfg.name).current_or_none() is None:
             flows.offline_baseline(args.config, overrides, run_label="bench", progress=False)
         else:
             flow(name="warm-up")(lambda: None)()
         startup = time.perf_counter() - t0
-        start = read_current(cfg.state_dir, cfg.name)
+        start = PolicyRegistry(cfg.state_dir, cfg.name).current_or_none()
         buf = ReplayBuffer.connect(BufferConfig(url=redis.url))
 
         def reset() -> None:
-            from offline.pointer import promote
-
             buf.clear()
-            promote(cfg.state_dir, cfg.name, CheckpointRef.model_validate(start["checkpoint"]), kind="offline")
+            registry = PolicyRegistry(cfg.state_dir, cfg.name)
+            registry.cycles_path.unlink(missing_ok=True)  # every timed cycle is cycle 1 again
+            registry.promote(start.checkpoint, kind="offline")
 
         # One untimed cycle first: it fills the reference log-prob cache both variants then share.
         reset()

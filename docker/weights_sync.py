@@ -2,7 +2,7 @@
 
 Contract:
 - Source of truth: `<state_dir>/pointers/<name>.json`, replaced atomically by
-  `offline.pointer.promote`; its `checkpoint.path` is a complete tether checkpoint, a plain HF
+  `offline.registry.PolicyRegistry.promote`; its `checkpoint.path` is a complete tether checkpoint, a plain HF
   directory that vLLM loads as-is (`offline/checkpoint.py`).
 - Output: `<root>/current`, a *relative* symlink to that checkpoint. `<root>` is the shared
   `checkpoints` volume, mounted at `<state_dir>/checkpoints` in the worker and at `/checkpoints`

@@ -3,8 +3,9 @@
 Contract:
 - A checkpoint is a plain HF directory (safetensors weights, config.json, generation config,
   tokenizer files) that `AutoModelForCausalLM.from_pretrained` and vLLM load as-is. A peft model
-  is merged into a copy first, so no adapter files are ever written and the live model is
-  untouched.
+  is merged into a copy for those weights (the live model is untouched), and its adapter alone
+  is saved too, under `adapter/`: the next cycle continues that adapter on pi_0, so its
+  adapter-disabled base is still the reference (`offline.models.load_policy`).
 - Beside the weights, `lineage.json` records where the weights came from (dataset fingerprint,
   resolved config, parent checkpoint, code version, seed, pair ids per step, final metrics,
   created_at, kind), and `tether-complete.json` is written last: a directory is a checkpoint
@@ -210,6 +211,10 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
 # Checkpoints
 
 
+ADAPTER_DIR = "adapter"
+"""Subdirectory of a LoRA checkpoint holding its adapter (peft layout), beside the merged weights."""
+
+
 def _weights_id(directory: Path) -> str:
     """16-hex sha256 over the weight files' names and bytes, in name order."""
     h = hashlib.sha256()
@@ -262,6 +267,8 @@ def save_checkpoint(
     # treat it as garbage to replace rather than as a checkpoint to protect.
     with atomic_dir(final, overwrite=True) as tmp:
         _plain_model(model).save_pretrained(tmp, safe_serialization=True)
+        if hasattr(model, "peft_config"):
+            model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)  # the adapter only
         tokenizer.save_pretrained(tmp)
         (tmp / LINEAGE_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
         ref = CheckpointRef(path=str(final.resolve()), id=_weights_id(tmp), name=name)

@@ -30,7 +30,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from offline.checkpoint import atomic_dir
+from offline.checkpoint import ADAPTER_DIR, atomic_dir
 from offline.logps import resolve_autocast
 from offline.config import DEMO_NAME, ModelConfig
 
@@ -46,11 +46,14 @@ class LoadedPolicy:
     model: torch.nn.Module
     tokenizer: object
     model_dir: Path
+    """The checkpoint (or pi_0) whose merged weights this policy has: what a server would load."""
     reference: Callable[[], ContextManager] | None
     """LoRA: `with reference(): ...` runs the base model. None: load one with `load_reference`."""
     device: torch.device
     autocast_dtype: torch.dtype | None
     """Dtype the training loop should autocast to (None = no autocast)."""
+    base_dir: Path | None = None
+    """LoRA: the model the adapter sits on (pi_0); `reference()` runs it. None: full fine-tuning."""
 
 
 def default_device() -> torch.device:
@@ -116,14 +119,35 @@ def load_tokenizer(model_dir: Path):
     return tokenizer
 
 
-def load_policy(cfg: ModelConfig, state_dir: Path, device: torch.device | str | None = None) -> LoadedPolicy:
-    """Load the trainable policy (with LoRA adapters when configured) on `device`."""
+def load_policy(
+    cfg: ModelConfig,
+    state_dir: Path,
+    device: torch.device | str | None = None,
+    checkpoint: Path | str | None = None,
+) -> LoadedPolicy:
+    """Load the trainable policy on `device`: pi_0 (`cfg.name_or_path`), or a tether checkpoint.
+
+    Full fine-tuning loads `checkpoint`'s weights. With LoRA the network is always pi_0 with an
+    adapter on top: a fresh one for pi_0, the checkpoint's own (`adapter/`, saved beside its
+    merged weights) to continue from a checkpoint, so the adapter-disabled base stays pi_0, the
+    reference, in every cycle. A LoRA checkpoint without an adapter cannot give that; it is an
+    error rather than a silently wrong reference.
+    """
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device) if device is not None else default_device()
-    model_dir = resolve_model_dir(cfg, state_dir)
+    base_dir = resolve_model_dir(cfg, state_dir)
+    model_dir = Path(checkpoint) if checkpoint is not None else base_dir
+    adapter_dir = model_dir / ADAPTER_DIR
+    if cfg.lora is not None and model_dir.resolve() != base_dir.resolve() and not adapter_dir.is_dir():
+        raise ValueError(
+            f"{model_dir} has no LoRA adapter ({ADAPTER_DIR}/): with model.lora set a policy is pi_0 "
+            f"({base_dir}) plus an adapter, and this checkpoint was saved without one; start from the "
+            "offline baseline again, or evaluate it with model.lora unset"
+        )
+    weights_dir = base_dir if cfg.lora is not None else model_dir
     tokenizer = load_tokenizer(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=weights_dtype(cfg)).to(device)
+    model = AutoModelForCausalLM.from_pretrained(weights_dir, dtype=weights_dtype(cfg)).to(device)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         # Non-reentrant checkpointing also works when the inputs do not require grad (LoRA).
@@ -136,25 +160,29 @@ def load_policy(cfg: ModelConfig, state_dir: Path, device: torch.device | str | 
     reference = None
     if cfg.lora is not None:
         from peft import LoraConfig as PeftLoraConfig
-        from peft import get_peft_model
+        from peft import PeftModel, get_peft_model
 
-        peft_cfg = PeftLoraConfig(
-            r=cfg.lora.r,
-            lora_alpha=cfg.lora.alpha,
-            lora_dropout=cfg.lora.dropout,
-            target_modules=list(cfg.lora.target_modules),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, peft_cfg)
+        if adapter_dir.is_dir():
+            model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=True).to(device)
+        else:
+            peft_cfg = PeftLoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=list(cfg.lora.target_modules),
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, peft_cfg)
         reference = model.disable_adapter  # a context-manager factory: base weights only
     model.eval()
     return LoadedPolicy(
         model=model,
         tokenizer=tokenizer,
-        model_dir=Path(model_dir),
+        model_dir=model_dir,
         reference=reference,
         device=device,
         autocast_dtype=autocast_dtype(cfg, device),
+        base_dir=base_dir if cfg.lora is not None else None,
     )
 
 

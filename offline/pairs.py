@@ -49,3 +49,20 @@ class PreferencePair(BaseModel):
     def id(self) -> str:
         """The dataset's id when given, else the content id."""
         return self.source_id or self.content_id
+
+
+class FreshPair(BaseModel):
+    """A pair an online cycle labelled, with where it came from: what the replay buffer stores
+    beside the pair (the buffer and the cycle share this type, not each other's)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pair: PreferencePair
+    cycle: int = Field(ge=0)
+    """The cycle that generated and labelled it."""
+    policy_version: str = Field(min_length=1)
+    """The checkpoint id whose samples these are (staleness, provenance)."""
+    judge: str = Field(min_length=1)
+    """Which judge decided (e.g. `rule:pkg.mod:fn`, `llm:model`)."""
+    confidence: float = Field(ge=0.0, le=1.0)
+    """How sure the judge was."""

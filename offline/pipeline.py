@@ -3,26 +3,25 @@
 load + validate -> coverage -> tokenise -> reference log-probs -> train -> evaluate -> save.
 `orchestrator/flows.py` wraps each step in a Prefect task; tests and benchmarks call these
 directly, so every step runs (and is measured) without Prefect. Online cycles reuse
-`ensure_reference_logps`, `train_policy` and `save_policy` unchanged.
+`train_policy` and `save_policy` unchanged; reference log-probs have one home for both phases,
+`offline.reference.ensure_reference_logps`.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 
-from offline.checkpoint import CheckpointRef, code_version, model_id, save_checkpoint
+from offline.checkpoint import CheckpointRef, code_version, save_checkpoint
 from offline.coverage import CoverageReport, coverage_report
 from offline.data import PreferenceDataset, load_preference_dataset
 from offline.config import DataConfig, ModelConfig, TrainConfig
 from offline.evaluate import EvalResult, evaluate_preferences
-from offline.models import LoadedPolicy, load_policy, load_reference
-from offline.reference import ReferenceLogpCache, compute_reference_logps, precision_id
+from offline.models import LoadedPolicy, load_policy
 from offline.tokenize import TokenizedPair, tokenize_pairs
 from offline.train import TrainResult, train
 
@@ -69,47 +68,6 @@ def tokenize_dataset(dataset: PreferenceDataset, tokenizer, cfg: DataConfig) -> 
         heldout=tokenize_pairs(dataset.heldout, tokenizer, cfg.max_length, cfg.max_prompt_length),
         fingerprint=dataset.fingerprint,
     )
-
-
-def reference_id_of(model_dir: Path, autocast_dtype: torch.dtype | None) -> str:
-    """The reference's cache key: the content id of the checkpoint it is loaded from, and the
-    precision its log-probs are computed in (`offline.reference.precision_id`)."""
-    return precision_id(model_id(model_dir), autocast_dtype)
-
-
-def ensure_reference_logps(
-    policy: LoadedPolicy,
-    pairs: Sequence[TokenizedPair],
-    reference_dir: Path,
-    cache_dir: Path,
-    batch_size: int,
-    progress: bool = True,
-) -> dict[str, tuple[float, float]]:
-    """Reference log-probs for `pairs`, computed once per (reference, pair) and cached on disk.
-
-    With LoRA the reference is the policy with its adapter disabled (no second copy); for full
-    fine-tuning a frozen copy is loaded only when some pair is missing, then freed.
-    """
-    reference_id = reference_id_of(reference_dir, policy.autocast_dtype)
-    cache = ReferenceLogpCache(cache_dir)
-    pad = policy.tokenizer.pad_token_id
-    missing = sum(cache.get(reference_id, p) is None for p in pairs)
-    if missing == 0 or policy.reference is not None:
-        # All cached (no forward runs), or LoRA: the policy with its adapter disabled.
-        out = compute_reference_logps(
-            policy.model, pairs, reference_id, cache, batch_size, progress=progress,
-            pad_token_id=pad, reference_context=policy.reference, autocast_dtype=policy.autocast_dtype,
-        )
-    else:
-        ref_model = load_reference(reference_dir, device=policy.model.device)
-        out = compute_reference_logps(
-            ref_model, pairs, reference_id, cache, batch_size, progress=progress, pad_token_id=pad,
-            autocast_dtype=policy.autocast_dtype,
-        )
-        del ref_model
-        gc.collect()
-    log.info("reference log-probs: %d cached, %d computed", len(pairs) - missing, missing)
-    return out
 
 
 def train_policy(

@@ -16,12 +16,14 @@ models), so no second copy of the weights is loaded; `reference_context` overrid
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
+import logging
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, ContextManager, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +39,11 @@ from offline.logps import (
     supports_shared_prompt,
 )
 from offline.tokenize import TokenizedPair
+
+if TYPE_CHECKING:
+    from offline.models import LoadedPolicy
+
+log = logging.getLogger(__name__)
 
 _FORMAT = 1
 # Persist after this many batches too, so a long reference pass killed midway keeps its work.
@@ -127,6 +134,58 @@ def precision_id(reference_id: str, autocast_dtype: torch.dtype | None) -> str:
     """The cache key of a reference scored in `autocast_dtype`: log-probs computed in bf16 on a
     GPU must not be reused by a float32 run on a CPU (or the other way round)."""
     return reference_id if autocast_dtype is None else f"{reference_id}@{str(autocast_dtype).removeprefix('torch.')}"
+
+
+def reference_id_of(model_dir: Path, autocast_dtype: torch.dtype | None) -> str:
+    """The reference's cache key: the content id of the checkpoint it is loaded from, and the
+    precision its log-probs are computed in (`precision_id`)."""
+    from offline.checkpoint import model_id
+
+    return precision_id(model_id(model_dir), autocast_dtype)
+
+
+def ensure_reference_logps(
+    policy: LoadedPolicy,
+    pairs: Sequence[TokenizedPair],
+    reference_dir: Path,
+    cache_dir: Path | None,
+    batch_size: int,
+    progress: bool = True,
+) -> dict[str, tuple[float, float]]:
+    """pi_0's log-probs for `pairs`, computed once per (reference, precision, pair) and cached.
+
+    The one place reference log-probs come from, for the offline phase and every cycle alike.
+    `reference_dir` is pi_0 (the cache key is its content id and the policy's precision). With
+    LoRA the reference is the policy with its adapter disabled, no second copy; that base must
+    BE pi_0 (`policy.base_dir == reference_dir`), else the values would be the parent's and the
+    KL budget would drift with every cycle, so a mismatch is an error. For full fine-tuning a
+    frozen copy of pi_0 is loaded only when some pair is missing from the cache, then freed.
+    """
+    from offline.models import load_reference
+
+    reference_id = reference_id_of(reference_dir, policy.autocast_dtype)
+    cache = ReferenceLogpCache(cache_dir)
+    pad = policy.tokenizer.pad_token_id
+    missing = sum(cache.get(reference_id, p) is None for p in pairs)
+    kw = dict(progress=progress, pad_token_id=pad, autocast_dtype=policy.autocast_dtype)
+    if missing == 0:
+        out = compute_reference_logps(policy.model, pairs, reference_id, cache, batch_size, **kw)
+    elif policy.reference is not None:
+        if policy.base_dir is None or Path(policy.base_dir).resolve() != Path(reference_dir).resolve():
+            raise ValueError(
+                f"the LoRA policy's base ({policy.base_dir}) is not the reference {reference_dir}: "
+                "its adapter-disabled log-probs would not be pi_0's"
+            )
+        out = compute_reference_logps(
+            policy.model, pairs, reference_id, cache, batch_size, reference_context=policy.reference, **kw,
+        )
+    else:
+        ref_model = load_reference(reference_dir, device=policy.model.device)
+        out = compute_reference_logps(ref_model, pairs, reference_id, cache, batch_size, **kw)
+        del ref_model
+        gc.collect()
+    log.info("reference log-probs: %d cached, %d computed", len(pairs) - missing, missing)
+    return out
 
 
 def reference_context_for(model: nn.Module) -> Callable[[], ContextManager]:

@@ -9,12 +9,13 @@ configures: `PromptPoolConfig` -> `online.prompts`, `GenerationConfig` -> `onlin
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from offline.config import TrainConfig
+from offline.config import DataConfig, ModelConfig, TrainConfig
 from offline.section import Section
 
 
@@ -246,3 +247,21 @@ class OnlineConfig(Section):
     """When another cycle holds the lock: skip this run (and say so), or wait for it."""
     wait_timeout_s: float | None = Field(default=None, gt=0)
     """With on_busy=wait: give up after this long (None: wait as long as it takes)."""
+
+
+@dataclass
+class CycleInputs:
+    """The config sections a cycle (and online evaluation) reads, plus where it keeps state."""
+
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    online: OnlineConfig
+    state_dir: Path
+    name: str
+    seed: int = 0
+    config_dump: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cycle_train(self) -> TrainConfig:
+        return self.online.train or self.train

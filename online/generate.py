@@ -21,7 +21,6 @@ which the KL estimate in `online.kl` relies on (it shares `sample_ids` below).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -32,6 +31,7 @@ from typing import Protocol
 import httpx
 import torch
 
+from offline.seeds import derive_seed
 from online.config import GenerationConfig
 from online.prompts import Prompt
 from online.types import Generation
@@ -207,12 +207,6 @@ class HFGenerator:
 
 
 # ------------------------------------------------------------------------- openai backend
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """A per-request seed: distinct per (seed, index), so cycles and prompts never share noise."""
-    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
 class OpenAIGenerator:

@@ -186,16 +186,16 @@ def eval_(
 ) -> None:
     """Reward per category (covered vs held-out) and KL to the reference, of one checkpoint."""
     cfg = _load(config, set_)
-    from offline.pointer import read_current
+    from offline.registry import PolicyRegistry
     from orchestrator.flows import cycle_inputs
-    from online.cycle import evaluate_checkpoint
+    from online.evaluate import evaluate_checkpoint
 
     if checkpoint is None:
-        current = read_current(cfg.state_dir, cfg.name)
+        current = PolicyRegistry(cfg.state_dir, cfg.name).current_or_none()
         if current is None:
             console.print("[red]error:[/red] no current policy yet: run `tether offline` first, or pass --checkpoint")
             raise typer.Exit(2)
-        checkpoint = Path(current["checkpoint"]["path"])
+        checkpoint = Path(current.checkpoint.path)
     with _user_errors():
         inputs = cycle_inputs(cfg)
         out = evaluate_checkpoint(inputs, checkpoint, cfg.seed)
@@ -286,7 +286,7 @@ def _user_errors() -> Iterator[None]:
     from buffer.server import RedisServerError, RedisServerMissing
     from buffer.store import ReplayBufferError
     from offline.data import DataError
-    from online.cycle import NoCurrentPolicy
+    from offline.registry import NoCurrentPolicy
     from online.generate import GenerationError
     from online.judge import JudgeAPIError
     from online.prompts import PromptError

@@ -26,12 +26,14 @@ from prefect.settings import get_current_settings
 from prefect.utilities.annotations import opaque
 
 from offline import pipeline
-from offline.pointer import promote
+from offline.reference import ensure_reference_logps
+from offline.registry import PolicyRegistry
 from orchestrator.artifacts import config_markdown, markdown_table, metrics_rows, sparkline
 from orchestrator.config import TetherConfig, load_config, redacted_dump
 
 if TYPE_CHECKING:
-    from online.cycle import CycleInputs, CycleReport
+    from online.config import CycleInputs
+    from online.cycle import CycleReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -79,7 +81,7 @@ load_policy_task = _task("load-policy")(pipeline.load_initial_policy)
 load_data_task = _task("load-and-validate")(pipeline.load_and_validate)
 coverage_task = _task("coverage-report")(pipeline.build_coverage)
 tokenize_task = _task("tokenize")(pipeline.tokenize_dataset)
-reference_task = _task("reference-logps")(pipeline.ensure_reference_logps)
+reference_task = _task("reference-logps")(ensure_reference_logps)
 train_task = _task("train")(pipeline.train_policy)
 evaluate_task = _task("evaluate")(pipeline.evaluate_policy)
 save_task = _task("save-checkpoint")(pipeline.save_policy)
@@ -141,7 +143,7 @@ def run_offline(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
         policy, cfg.checkpoints_dir, name, kind="offline", fingerprint=dataset.fingerprint,
         config=resolved, parent=parent, seed=cfg.train.seed, result=result, metrics=metrics,
     )
-    promote(state, cfg.name, ckpt, kind="offline", promoted_at=time.time())
+    PolicyRegistry(state, cfg.name).promote(ckpt, kind="offline")
     shutil.rmtree(resume_dir, ignore_errors=True)
     logger.info("checkpoint %s written and promoted as current policy of %r", ckpt.path, cfg.name)
 
@@ -216,7 +218,7 @@ def as_task(name: str, fn: F) -> F:
 
 def cycle_inputs(cfg: TetherConfig) -> "CycleInputs":
     """The sections a cycle reads, from the config tree (fails clearly without `online`)."""
-    from online.cycle import CycleInputs
+    from online.config import CycleInputs
 
     if cfg.online is None:
         raise ValueError("this config has no `online` section: add one to run refresh cycles (see configs/demo.yaml)")
@@ -268,7 +270,7 @@ def cycle_markdown(report: "CycleReport") -> str:
         markdown_table(metrics_rows({**report.judge, **report.mix, **report.train})),
         "## Seconds per stage",
         markdown_table(metrics_rows(report.seconds)),
-        f"Checkpoint: `{(report.checkpoint or {}).get('path')}`; parent `{report.parent.get('path')}`.",
+        f"Checkpoint: `{report.checkpoint.path}`; parent `{report.parent.path}`.",
     ])
 
 
@@ -287,7 +289,7 @@ def run_refresh(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
             logger.warning("skipping this cycle: another refresh cycle is running (%s)", exc)
             create_markdown_artifact(f"# Cycle skipped\n\n{exc}", key="refresh-cycle-skipped")
             return {"skipped": True, "reason": str(exc)}
-        history = (buf.get_pointer(f"cycle-state:{cfg.name}") or {}).get("history", [])
+        history = PolicyRegistry(cfg.state_dir, cfg.name).history()
     logger.info(
         "cycle %d: %s; KL %.4f (budget %g); reward %.4f -> %.4f",
         report.index, "promoted" if report.promoted else "rolled back",
@@ -347,7 +349,7 @@ def hybrid_demo(
 ) -> dict[str, Any]:
     """Initial policy -> offline baseline -> N online refresh cycles, scored the same way at each stage."""
     from offline.models import resolve_model_dir
-    from online.cycle import evaluate_checkpoint
+    from online.evaluate import evaluate_checkpoint
 
     cfg = resolve_config(config_path, overrides, config)
     inputs = cycle_inputs(cfg)

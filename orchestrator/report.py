@@ -194,7 +194,7 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
     probe = None
     if not rep.get("skipped"):
         from orchestrator.flows import cycle_inputs, stage_row
-        from online.cycle import evaluate_checkpoint
+        from online.evaluate import evaluate_checkpoint
 
         after = rep["after"]
         if demo["metric"] == "win_rate":  # the same yardstick as the other rows: win rate vs pi_0

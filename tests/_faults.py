@@ -69,7 +69,7 @@ def demo_models_template() -> Path:
 def prepare_state(state_dir: Path, overrides: dict[str, Any]):
     """Copy the demo policy into `state_dir`, checkpoint it as `initial` and promote it."""
     from offline import pipeline
-    from offline.pointer import promote
+    from offline.registry import PolicyRegistry
     from offline.train import TrainResult
     from orchestrator.config import load_config, redacted_dump
 
@@ -84,7 +84,7 @@ def prepare_state(state_dir: Path, overrides: dict[str, Any]):
         policy, cfg.checkpoints_dir, "initial", kind="offline", fingerprint="initial-policy",
         config=redacted_dump(cfg), parent=None, seed=cfg.seed, result=nothing, metrics={},
     )
-    promote(state_dir, cfg.name, ref, kind="offline")
+    PolicyRegistry(state_dir, cfg.name).promote(ref, kind="offline")
     return cfg
 
 

@@ -81,7 +81,7 @@ def main() -> None:
     if report is None:
         emit("skipped")
     else:
-        emit("done", index=report.index, promoted=report.promoted, checkpoint=report.checkpoint,
+        emit("done", index=report.index, promoted=report.promoted, checkpoint=report.checkpoint.model_dump(mode="json"),
              pairs_added=report.mix.get("pairs_added"))
     buf.close()
 

@@ -97,13 +97,14 @@ class PointerWatch:
         import redis
 
         from offline.checkpoint import is_complete
-        from offline.pointer import read_current
+        from offline.registry import PolicyRegistry
 
         client = redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=1)
         while not self._stop.wait(0.005):
             records = []
             try:
-                records.append(read_current(self.state_dir, self.name))
+                current = PolicyRegistry(self.state_dir, self.name).current_or_none()
+                records.append(current.model_dump(mode="json") if current else None)
             except (OSError, ValueError) as e:
                 self.bad.append(f"pointer file unreadable: {e}")
             try:
@@ -252,7 +253,7 @@ def redis_kill_in_cycle(work: Path, when: str) -> FaultRow:
     """SIGKILL redis-server in a real cycle just before (`before-add`) or after (`after-add`) its write."""
     from buffer.server import LocalRedis
     from buffer.store import ReplayBuffer, ReplayBufferError
-    from offline.pointer import read_current
+    from offline.registry import PolicyRegistry
 
     assert when in ("before-add", "after-add")
     row = FaultRow(f"redis SIGKILL in a cycle, {when.replace('-', ' ')}; restart; re-run", runs=1)
@@ -263,7 +264,7 @@ def redis_kill_in_cycle(work: Path, when: str) -> FaultRow:
         "online.lock_ttl_s": 3, "online.on_busy": "wait", "buffer.connect_retries": 1,
     })
     cfg = prepare_state(work / "state", overrides)
-    pointer_before = read_current(cfg.state_dir, cfg.name)
+    pointer_before = PolicyRegistry(cfg.state_dir, cfg.name).current_or_none()
     acked: list[str] = []
 
     def strike(add, records):
@@ -284,8 +285,8 @@ def redis_kill_in_cycle(work: Path, when: str) -> FaultRow:
     buf.close()
     server = LocalRedis(data, port=port).start()  # same port: the config's buffer.url
     buf = ReplayBuffer.connect(cfg.buffer)
-    row.check(read_current(cfg.state_dir, cfg.name) == pointer_before, "the pointer moved in the failed cycle")
-    row.check((buf.get_pointer(f"cycle-state:{cfg.name}") or {}).get("completed", 0) == 0,
+    row.check(PolicyRegistry(cfg.state_dir, cfg.name).current_or_none() == pointer_before, "the pointer moved in the failed cycle")
+    row.check(not PolicyRegistry(cfg.state_dir, cfg.name).history(),
               "the failed cycle was counted as completed")
     row.lost = len(set(acked) - present(buf, acked))
     t0 = time.perf_counter()
@@ -342,7 +343,7 @@ def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int =
 
     from buffer.config import BufferConfig
     from buffer.store import ReplayBuffer
-    from online.cycle import add_fresh_pairs
+    from online.cycle import fresh_pairs
     from online.judge import LLMJudge
     from online.config import LLMJudgeConfig
 
@@ -384,7 +385,7 @@ def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int =
         row.check(stats.retries > 0, f"run {run}: no retries under '{fault}'")
         if fault.startswith("garbage"):  # those replies cannot be retried into labels: some must drop
             row.check(stats.errors + stats.unparseable + stats.ties > 0, f"run {run}: nothing dropped under '{fault}'")
-        added = add_fresh_pairs(buf, judgments, cycle=run, policy_version="v0")
+        added = buf.add_fresh(fresh_pairs(judgments, cycle=run, policy_version="v0")).model_dump()
         ids = [j.to_pair().content_id for j in judgments]
         row.written += added["added"]
         row.lost += len(set(ids) - present(buf, ids))
@@ -417,7 +418,7 @@ def training_kill(work: Path) -> FaultRow:
     from buffer.server import LocalRedis
     from buffer.store import ReplayBuffer
     from offline.checkpoint import is_complete
-    from offline.pointer import read_current
+    from offline.registry import PolicyRegistry
 
     row = FaultRow("training process SIGKILL mid-train, then mid-save; re-run", runs=3)
     server = LocalRedis(work / "redis").start()
@@ -427,7 +428,7 @@ def training_kill(work: Path) -> FaultRow:
         "online.lock_ttl_s": 3, "online.on_busy": "wait",
     })
     cfg = prepare_state(state, overrides)
-    initial = read_current(state, cfg.name)
+    initial = PolicyRegistry(state, cfg.name).current_or_none()
     with PointerWatch(state, cfg.name, server.url) as watch:
         first = CycleProcess(work, "killed-mid-train", overrides)
         latest = first.wait_until(lambda: _snapshot_latest(state), timeout_s=180)
@@ -450,7 +451,7 @@ def training_kill(work: Path) -> FaultRow:
         row.check(again.get("added") == 0, f"the re-run re-added pairs: {again}")
         tmp = Path(saving["dir"])
         row.check(tmp.name.startswith(".") and tmp.exists(), f"the kill did not land in the temp dir {tmp}")
-        row.check(read_current(state, cfg.name) == initial, "the pointer moved before the checkpoint was renamed")
+        row.check(PolicyRegistry(state, cfg.name).current_or_none() == initial, "the pointer moved before the checkpoint was renamed")
         visible = [p for p in checkpoint_dirs(state) if not p.name.startswith(".")]
         row.check(all(is_complete(p) for p in visible), f"an incomplete checkpoint is visible: {visible}")
 
@@ -461,8 +462,8 @@ def training_kill(work: Path) -> FaultRow:
     row.check(watch.reads > 100, f"the pointer watcher read only {watch.reads} times")
     leftovers = [p.name for p in checkpoint_dirs(state) if p.name.startswith(".")]
     row.check(not leftovers, f"temp dirs left behind: {leftovers}")
-    current = read_current(state, cfg.name)
-    row.check(is_complete(current["checkpoint"]["path"]), "the final pointer names an incomplete checkpoint")
+    current = PolicyRegistry(state, cfg.name).current_or_none()
+    row.check(is_complete(current.checkpoint.path), "the final pointer names an incomplete checkpoint")
     row.written = len(acked)
     row.lost = len(set(acked) - present(buf, acked))
     row.check(row.lost == 0, f"{row.lost} acknowledged pairs lost")
@@ -538,7 +539,9 @@ def concurrent_cycles(work: Path) -> FaultRow:
     row.check(all(p.event("trained") is None and p.event("added") is None for p in skipped),
               "the skipped process wrote pairs or trained")
     buf = ReplayBuffer.connect(cfg.buffer)
-    completed = (buf.get_pointer(f"cycle-state:{cfg.name}") or {}).get("completed")
+    from offline.registry import PolicyRegistry
+
+    completed = len(PolicyRegistry(cfg.state_dir, cfg.name).history())
     row.check(completed == 1, f"cycle-state says {completed} cycles completed")
     cycles = [p.name for p in checkpoint_dirs(state) if p.name.startswith("cycle-")]
     row.check(len(cycles) == 1, f"cycle checkpoints: {cycles}")

@@ -6,7 +6,7 @@ There is no Docker engine (and no GPU) here, so nothing is started. What is chec
   volumes, GPU reservations, the worker's wiring, no literal secret, and the paths that must
   agree between the worker, weights-sync and vLLM for new weights to reach the server.
 - The Dockerfile and .dockerignore, as text.
-- docker/weights_sync.py against the real pointer format (`offline.pointer.promote`).
+- docker/weights_sync.py against the real pointer format (`offline.registry.PolicyRegistry.promote`).
 - docker/vllm-serve.sh with a fake `vllm` binary: waits for the first promotion, restarts the
   server when the `current` link flips, stops cleanly on SIGTERM.
 - docker/redis-start.sh: the argv it hands the image's entrypoint (a stand-in), and, with a real
@@ -31,7 +31,7 @@ import yaml
 
 from buffer.config import BufferConfig
 from offline.checkpoint import COMPLETE_MARKER, CheckpointRef
-from offline.pointer import promote
+from offline.registry import PolicyRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -439,7 +439,7 @@ def test_weights_sync_mirrors_the_pointer_atomically(tmp_path, weights_sync):
     assert not (root / "current").exists()
 
     first = make_checkpoint(root, "tether", "offline-0001")
-    promote(state, "tether", first, kind="offline")
+    PolicyRegistry(state, "tether").promote(first, kind="offline")
     assert weights_sync.sync_once(state, root, "tether") == "tether/offline-0001"
     link = root / "current"
     # Relative, so it resolves under both mounts of the volume (worker and vLLM).
@@ -447,7 +447,7 @@ def test_weights_sync_mirrors_the_pointer_atomically(tmp_path, weights_sync):
     assert weights_sync.flip_link(root, "tether/offline-0001") is False  # idempotent
 
     second = make_checkpoint(root, "tether", "cycle-0002")
-    promote(state, "tether", second, kind="cycle")
+    PolicyRegistry(state, "tether").promote(second, kind="cycle")
     weights_sync.sync_once(state, root, "tether")
     assert link.resolve() == Path(second.path)
     assert sorted(p.name for p in root.iterdir()) == ["current", "tether"]  # no temp link left
@@ -457,7 +457,7 @@ def test_weights_sync_refuses_what_vllm_cannot_serve(tmp_path, weights_sync):
     state = tmp_path / "state"
     root = state / "checkpoints"
     good = make_checkpoint(root, "tether", "offline-0001")
-    promote(state, "tether", good)
+    PolicyRegistry(state, "tether").promote(good, kind="offline")
     weights_sync.sync_once(state, root, "tether")
 
     # promote() itself refuses incomplete checkpoints; a hand-edited pointer must not get through either.
@@ -466,7 +466,7 @@ def test_weights_sync_refuses_what_vllm_cannot_serve(tmp_path, weights_sync):
     with pytest.raises(weights_sync.SyncError, match="incomplete"):
         weights_sync.sync_once(state, root, "tether")
     outside = make_checkpoint(tmp_path / "elsewhere", "tether", "cycle-0003")
-    promote(state, "tether", outside)
+    PolicyRegistry(state, "tether").promote(outside, kind="offline")
     with pytest.raises(weights_sync.SyncError, match="not under"):
         weights_sync.sync_once(state, root, "tether")
     assert (root / "current").resolve() == Path(good.path)  # the old policy keeps being served
@@ -484,7 +484,7 @@ def test_weights_sync_follows_the_configs_run_family(tmp_path, weights_sync, mon
     assert weights_sync.run_family(config, None) == "from-env"
 
     state = tmp_path / "state"
-    promote(state, "from-env", make_checkpoint(state / "checkpoints", "from-env", "offline-0001"))
+    PolicyRegistry(state, "from-env").promote(make_checkpoint(state / "checkpoints", "from-env", "offline-0001"), kind="offline")
     heartbeat = tmp_path / "alive"
     rc = weights_sync.main(["--once", "--config", str(config), "--state-dir", str(state), "--heartbeat", str(heartbeat)])
     assert rc == 0 and heartbeat.exists()

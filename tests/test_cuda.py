@@ -127,16 +127,16 @@ def test_demo_cycle_on_cuda_saves_a_checkpoint_a_cpu_can_load(tmp_path: Path, re
     from _faults import locked_cycle, prepare_state, small_overrides
     from buffer.store import ReplayBuffer
     from offline.checkpoint import is_complete
-    from online.cycle import current_policy
+    from offline.registry import PolicyRegistry
 
     cfg = prepare_state(tmp_path, small_overrides(tmp_path, redis_url))
     with ReplayBuffer.connect(cfg.buffer) as buf:
         report = locked_cycle(cfg, buf)
         assert report is not None and math.isfinite(report.kl["kl/policy_ref"])
         assert report.mix["pairs_added"] > 0 and report.train["step"] > 0
-        path = Path(report.checkpoint["path"])
+        path = Path(report.checkpoint.path)
         assert is_complete(path)
         state = load_file(str(path / "model.safetensors"), device="cpu")
         assert state and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in state.values())
-        current = current_policy(buf, cfg.state_dir, cfg.name)["checkpoint"]["path"]
+        current = PolicyRegistry(cfg.state_dir, cfg.name).current().checkpoint.path
         assert (current == str(path)) == report.promoted

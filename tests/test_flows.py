@@ -20,7 +20,7 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from offline.checkpoint import is_complete, read_lineage  # noqa: E402
-from offline.pointer import read_current  # noqa: E402
+from offline.registry import PolicyRegistry  # noqa: E402
 from orchestrator import flows  # noqa: E402
 from _faults import small_overrides  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_offline_flow_writes_a_complete_checkpoint_with_lineage(offline_run, sta
     assert lineage["kind"] == "offline"
     assert len(lineage["step_pair_ids"]) == lineage["steps"] == out["metrics"]["train/steps"] > 0
     # the pointer names exactly this checkpoint
-    assert read_current(state_dir, "demo")["checkpoint"]["path"] == str(ckpt)
+    assert PolicyRegistry(state_dir, "demo").current_or_none().checkpoint.path == str(ckpt)
 
 
 def test_offline_checkpoint_loads_with_transformers(offline_run):
@@ -99,7 +99,7 @@ def test_offline_flow_publishes_artifacts(offline_run):
 
 
 def test_refresh_cycle_runs_and_moves_the_pointer_only_when_promoted(offline_run, state_dir, redis_url):
-    before = read_current(state_dir, "demo")
+    before = PolicyRegistry(state_dir, "demo").current_or_none()
     state = flows.refresh_cycle(CONFIG, overrides(state_dir, redis_url), run_label="t1", progress=False, return_state=True)
     assert state.is_completed(), state
     rep = state.result()
@@ -107,34 +107,34 @@ def test_refresh_cycle_runs_and_moves_the_pointer_only_when_promoted(offline_run
     assert rep["judge"]["judge/judgments"] > 0
     assert "kl/policy_ref" in rep["kl"]
     assert is_complete(Path(rep["checkpoint"]["path"]))
-    after = read_current(state_dir, "demo")
+    after = PolicyRegistry(state_dir, "demo").current_or_none()
     if rep["promoted"]:
-        assert after["checkpoint"]["path"] == rep["checkpoint"]["path"]
+        assert after.checkpoint.path == rep["checkpoint"]["path"]
     else:
         assert after == before
     assert {"refresh-cycle-metrics", "kl-history", "refresh-cycle-table"} <= _artifact_keys(state.state_details.flow_run_id)
 
 
 def test_a_cycle_over_the_kl_budget_is_rolled_back(offline_run, state_dir, redis_url):
-    before = read_current(state_dir, "demo")
+    before = PolicyRegistry(state_dir, "demo").current_or_none()
     o = overrides(state_dir, redis_url, **{"online.controller.kl_budget": 1e-6})
     rep = flows.refresh_cycle(CONFIG, o, run_label="kl", progress=False)
     assert rep["promoted"] is False
     assert any(r.startswith("kl:") for r in rep["reasons"])
-    assert read_current(state_dir, "demo") == before
+    assert PolicyRegistry(state_dir, "demo").current_or_none() == before
     # kept for inspection, complete, but not current
     assert is_complete(Path(rep["checkpoint"]["path"]))
 
 
 def test_a_regressing_cycle_is_rolled_back(offline_run, state_dir, redis_url):
-    before = read_current(state_dir, "demo")
+    before = PolicyRegistry(state_dir, "demo").current_or_none()
     # a huge learning rate wrecks the policy: reward must drop, the gate must refuse it
     o = overrides(state_dir, redis_url, **{"online.train.learning_rate": 0.5, "online.controller.kl_budget": 1e6})
     rep = flows.refresh_cycle(CONFIG, o, run_label="bad", progress=False)
     assert rep["promoted"] is False
     assert rep["after"]["mean"] < rep["before"]["mean"]
     assert any("regressed" in r for r in rep["reasons"])
-    assert read_current(state_dir, "demo") == before
+    assert PolicyRegistry(state_dir, "demo").current_or_none() == before
 
 
 def test_a_second_cycle_skips_while_one_holds_the_lock(offline_run, state_dir, redis_url):

