@@ -2,9 +2,10 @@
 
 Contract. `export_buffer(buf, path)` writes every pair with its provenance and all cached
 reference log-probs; the format follows the suffix (`.jsonl` or `.parquet`). The file appears
-atomically (written beside it, fsynced, renamed), so a crash never leaves half a snapshot under
-the final name. `import_buffer(buf, path)` validates every record before writing any and then
-restores them through `ReplayBuffer.restore`, so importing the same snapshot twice adds nothing.
+atomically (`offline.atomic`: written beside it, fsynced, renamed), so a crash never leaves half
+a snapshot under the final name. `import_buffer(buf, path)` validates every record before
+writing any and then restores them through `ReplayBuffer.restore`, so importing the same
+snapshot twice adds nothing.
 
 JSONL lines are `BufferedPair` JSON. Parquet has one flat column per field (`id`, `pool`,
 `source`, `cycle`, `policy_version`, `judge`, `confidence`, `created_at`, `prompt`, `chosen`,
@@ -14,8 +15,6 @@ JSONL lines are `BufferedPair` JSON. Parquet has one flat column per field (`id`
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from pydantic import ValidationError
 
 from buffer.records import AddResult, BufferedPair, InvalidRecord, SeedResult
 from buffer.store import ReplayBuffer
+from offline.atomic import atomic_open, atomic_path
 
 _PAIR_FIELDS = ("prompt", "chosen", "rejected", "category", "source_id")
 _RECORD_FIELDS = ("pool", "source", "cycle", "policy_version", "judge", "confidence", "created_at")
@@ -34,26 +34,6 @@ def _format(path: Path) -> str:
     if suffix in (".jsonl", ".parquet"):
         return suffix[1:]
     raise ValueError(f"snapshot {path} must end in .jsonl or .parquet")
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call `write(tmp_path)`, fsync, then rename over `path` (same directory: same filesystem)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
 
 
 def _row(rec: BufferedPair) -> dict[str, Any]:
@@ -77,12 +57,9 @@ def export_buffer(buf: ReplayBuffer, path: Path | str) -> int:
     fmt = _format(path)
     records = sorted(buf.iter_records(), key=lambda r: (r.pool, r.cycle or 0, r.id))  # stable diffs
     if fmt == "jsonl":
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for rec in records:
-                    f.write(rec.model_dump_json() + "\n")
-
+        with atomic_open(path, "w") as f:
+            for rec in records:
+                f.write(rec.model_dump_json() + "\n")
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -97,10 +74,8 @@ def export_buffer(buf: ReplayBuffer, path: Path | str) -> int:
             ]
         )  # fmt: skip
 
-        def write(tmp: Path) -> None:
+        with atomic_path(path) as tmp:
             pq.write_table(pa.Table.from_pylist([_row(r) for r in records], schema=schema), tmp)
-
-    _atomic_write(path, write)
     return len(records)
 
 

@@ -84,6 +84,10 @@ def link_target(checkpoint: Path, root: Path) -> str:
 
 def flip_link(root: Path, target: str, link_name: str = LINK_NAME) -> bool:
     """Point `root/link_name` at `target` atomically; True if it changed."""
+    # Not `offline.atomic`, tether's one home for atomic writes, although the image has tether
+    # installed: this swaps a symlink, which has no content to write or fsync (only the rename
+    # and the directory fsync below are shared), and this script promises to run on the stdlib
+    # and PyYAML alone (see the module docstring; tests load it by file path).
     link = root / link_name
     if link.is_symlink() and os.readlink(link) == target:
         return False

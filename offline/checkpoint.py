@@ -11,9 +11,10 @@ Contract:
   created_at, kind), and `tether-complete.json` is written last: a directory is a checkpoint
   iff that marker exists (`is_complete`). The marker carries the content id, so reading a
   `CheckpointRef` back never re-hashes the weights.
-- Everything is written into a temp dir in the same parent and renamed into place: a crash leaves
-  no directory under the final name, and an overwrite swaps old and new in one atomic
-  `renameat2(RENAME_EXCHANGE)` on Linux (two renames elsewhere).
+- Everything is written into a temp dir in the same parent, fsynced, and renamed into place: a
+  crash leaves no directory under the final name, and an overwrite swaps old and new in one
+  atomic `renameat2(RENAME_EXCHANGE)` on Linux (two renames elsewhere). `lineage.json` and the
+  marker are written with `offline.atomic`, like every other metadata file.
 - Secrets are never written: the config arrives already redacted, and `save_checkpoint` refuses
   a lineage in which a secret-looking key still holds a value.
 """
@@ -37,6 +38,8 @@ from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from offline.atomic import atomic_write, fsync_dir, fsync_tree
 
 LINEAGE_FILE = "lineage.json"
 COMPLETE_MARKER = "tether-complete.json"
@@ -154,7 +157,7 @@ def code_version() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Atomic directories (shared with offline.models and offline.demo_task)
+# Atomic directories (shared with offline.models, offline.demo_task and offline.train's snapshots)
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -181,9 +184,11 @@ def _clear_stale(final: Path) -> None:
 def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield an empty temp dir beside `final`; on clean exit it becomes `final` in one rename.
 
-    On an exception the temp dir is removed and `final` is left as it was. With `overwrite`, an
-    existing `final` is swapped out atomically and then deleted; without it, an existing `final`
-    is a FileExistsError (raised after the body ran, in case another writer won the race).
+    Before the rename every file in it is fsynced, after it the parent directory: the same
+    guarantees `offline.atomic` gives single files. On an exception the temp dir is removed and
+    `final` is left as it was. With `overwrite`, an existing `final` is swapped out atomically
+    and then deleted; without it, an existing `final` is a FileExistsError (raised after the
+    body ran, in case another writer won the race).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -192,6 +197,7 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        fsync_tree(tmp)  # a power cut must not publish a directory whose files are holes
         if not final.exists():
             os.rename(tmp, final)  # atomic on POSIX within one filesystem
         elif not overwrite:
@@ -203,6 +209,7 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
             os.rename(final, old)
             os.rename(tmp, final)
             tmp = old
+        fsync_dir(final.parent)  # make the rename itself durable
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -270,20 +277,11 @@ def save_checkpoint(
         if hasattr(model, "peft_config"):
             model.save_pretrained(tmp / ADAPTER_DIR, safe_serialization=True)  # the adapter only
         tokenizer.save_pretrained(tmp)
-        (tmp / LINEAGE_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+        atomic_write(tmp / LINEAGE_FILE, json.dumps(payload, indent=2, sort_keys=True) + "\n")
         ref = CheckpointRef(path=str(final.resolve()), id=_weights_id(tmp), name=name)
         # The marker goes last: its presence means every file above is fully written.
-        (tmp / COMPLETE_MARKER).write_text(ref.model_dump_json(exclude={"path"}) + "\n")
-        _fsync_dir(tmp)
+        atomic_write(tmp / COMPLETE_MARKER, ref.model_dump_json(exclude={"path"}) + "\n")
     return ref
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Flush file contents before the rename publishes them (a power cut must not publish holes)."""
-    for f in directory.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
 
 
 def model_id(path: Path | str) -> str:

@@ -31,7 +31,6 @@ import gzip
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Mapping, Sequence
 
 
+from offline.atomic import atomic_open
 from offline.pairs import PreferencePair
 from offline.config import HUB_PREFIX, DataConfig
 
@@ -546,28 +546,19 @@ def write_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike) -> Pat
     or not at all: it is written to a temporary file beside it, then renamed over.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            # mtime=0 keeps a .gz byte-identical across runs.
-            gz = path.name.endswith(".gz")
-            out = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if gz else raw
-            for pair in pairs:
-                record: dict[str, str] = {
-                    "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected
-                }
-                if pair.category is not None:
-                    record["category"] = pair.category
-                if pair.source_id is not None:
-                    record["id"] = pair.source_id
-                out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
-            if out is not raw:
-                out.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "wb") as raw:
+        # mtime=0 and no file name (else the temp file's random one) keep a .gz byte-identical.
+        gz = path.name.endswith(".gz")
+        out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if gz else raw
+        for pair in pairs:
+            record: dict[str, str] = {
+                "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected
+            }
+            if pair.category is not None:
+                record["category"] = pair.category
+            if pair.source_id is not None:
+                record["id"] = pair.source_id
+            out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
+        if out is not raw:
+            out.close()  # writes the gzip trailer; `raw` stays open for atomic_open to finish
     return path

@@ -32,15 +32,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from offline.atomic import atomic_open, atomic_write
 from offline.checkpoint import atomic_dir
 from offline.pairs import PreferencePair
 
@@ -182,18 +181,11 @@ def write_demo_dataset(path: Path, n: int = 3000, seed: int = 0) -> Path:
     cycles racing for the lock) both write the same bytes and the last rename wins.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for p in make_demo_pairs(n, COVERED_CATEGORIES, seed):
-                row = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
-                       "category": p.category, "id": p.source_id}
-                fh.write(json.dumps(row) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as fh:
+        for p in make_demo_pairs(n, COVERED_CATEGORIES, seed):
+            row = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
+                   "category": p.category, "id": p.source_id}
+            fh.write(json.dumps(row) + "\n")
     return path
 
 
@@ -367,7 +359,7 @@ def build_demo_policy(
         with atomic_dir(final) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            (tmp / "demo_task.json").write_text(json.dumps(info, indent=2) + "\n")
+            atomic_write(tmp / "demo_task.json", json.dumps(info, indent=2) + "\n")
     except FileExistsError:
         pass  # a concurrent builder finished first; its result is identical in every setting
     return final

@@ -2,7 +2,7 @@
 
 Contract: `ReferenceLogpCache(directory)` maps (reference_id, pair_id) -> (chosen_logp,
 rejected_logp) as Python floats. Each reference has its own JSON file under `directory`, written
-atomically (temp file + `os.replace`), so a kill never leaves a torn cache; a different
+atomically (`offline.atomic`), so a kill never leaves a torn cache; a different
 `reference_id` never sees another reference's values. Each entry also stores a digest of the pair's
 token ids, so a pair re-tokenised differently (other `max_length`, other tokenizer) is a miss,
 not a stale hit. `directory=None` keeps the cache in memory only.
@@ -20,8 +20,6 @@ import gc
 import hashlib
 import logging
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Sequence
 
@@ -29,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from offline.atomic import atomic_write_json
 from offline.logps import (
     AutocastDtype,
     PreferenceBatch,
@@ -113,21 +112,8 @@ class ReferenceLogpCache:
                 # json writes floats with repr, which round-trips float64 exactly
                 "entries": {k: [c, r, d] for k, (c, r, d) in entries.items()},
             }
-            _atomic_write_text(self.path(reference_id), json.dumps(payload, separators=(",", ":")))
+            atomic_write_json(self.path(reference_id), payload, separators=(",", ":"))
         self._dirty.clear()
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def precision_id(reference_id: str, autocast_dtype: torch.dtype | None) -> str:

@@ -50,7 +50,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -62,6 +61,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from offline.atomic import atomic_write, atomic_write_json
+from offline.checkpoint import atomic_dir
 from offline.logps import (
     AutocastDtype,
     PreferenceBatch,
@@ -418,13 +419,8 @@ def save_snapshot(
 ) -> Path:
     """Write step `state["step"]`'s snapshot and point `latest` at it; drop older snapshots."""
     run_dir = resume_dir / f"run-{key}"
-    run_dir.mkdir(parents=True, exist_ok=True)
     name = f"step-{state['step']:08d}"
-    tmp = run_dir / f".tmp-{name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-
-    save_file({n: p.detach().cpu().contiguous() for n, p in named_params}, tmp / "model.safetensors")
+    final = run_dir / name
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -437,7 +433,6 @@ def save_snapshot(
                 tensors[f"state.{idx}.{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(idx), {})[k] = v
-    save_file(tensors, tmp / "optimizer.safetensors")
     meta = {
         "format": _SNAPSHOT_FORMAT,
         "run_key": key,
@@ -445,16 +440,12 @@ def save_snapshot(
         "optimizer": {"param_groups": opt["param_groups"], "state_scalars": scalars},
         "scheduler": scheduler.state_dict(),
     }
-    (tmp / "state.json").write_text(json.dumps(meta))
-    for f in tmp.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    final = run_dir / name
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer_tmp = run_dir / f".latest-{os.getpid()}"
-    pointer_tmp.write_text(name)
-    os.replace(pointer_tmp, run_dir / "latest")
+    # A kill leaves either the previous snapshot (and `latest` naming it) or this one, complete.
+    with atomic_dir(final, overwrite=True) as tmp:
+        save_file({n: p.detach().cpu().contiguous() for n, p in named_params}, tmp / "model.safetensors")
+        save_file(tensors, tmp / "optimizer.safetensors")
+        atomic_write_json(tmp / "state.json", meta)
+    atomic_write(run_dir / "latest", name)
     for old in run_dir.glob("step-*"):
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

@@ -45,7 +45,6 @@ import logging
 import os
 import random
 import ssl
-import tempfile
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
@@ -53,6 +52,7 @@ from typing import Any, Protocol
 
 import httpx
 
+from offline.atomic import atomic_write_json
 from online.config import JudgeConfig, LLMJudgeConfig
 from online.cost import Budget, CostMeter
 from online.judge_prompt import (
@@ -142,7 +142,7 @@ class VerdictCache:
     """Parsed verdicts by `verdict_cache_key`: a dict, mirrored to `<cache_dir>/llm_judge_verdicts.json`.
 
     `flush` merges with whatever is on disk (another process may have added entries) and
-    replaces the file atomically (temp file + fsync + rename), so a crash never leaves a torn
+    replaces the file atomically (`offline.atomic`), so a crash never leaves a torn
     file. Only parsed verdicts are stored: unparseable replies and failures are retried next time.
     """
 
@@ -167,18 +167,8 @@ class VerdictCache:
         """Write new verdicts to the cache file (no-op without a cache dir or new entries)."""
         if self.path is None or not self._unsaved:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         merged = {**self._read(), **self._unsaved}
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".verdicts-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(merged, f, separators=(",", ":"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_json(self.path, merged, separators=(",", ":"))
         self._verdicts.update(merged)
         self._unsaved.clear()
 

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from offline.atomic import atomic_write
+
 DEFAULT_STATE_DIR = Path(".tether")
 
 
@@ -88,11 +90,8 @@ def loopback_ca_file(home: Path) -> Path:
 
     path = Path(home) / "loopback-ca.pem"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         bundle = Path(certifi.where()).read_text()
         end = "-----END CERTIFICATE-----"
         first = bundle[bundle.index("-----BEGIN CERTIFICATE-----"): bundle.index(end) + len(end)] + "\n"
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(first)
-        os.replace(tmp, path)
+        atomic_write(path, first)  # processes starting at once each write the same bytes
     return path

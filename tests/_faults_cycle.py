@@ -15,6 +15,7 @@ dir and before it is renamed into place, so a kill lands exactly there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -46,14 +47,18 @@ def main() -> None:
     cfg = load_config(CONFIG, json.loads(args.overrides.read_text()))
     buf = ReplayBuffer.connect(cfg.buffer)
     if args.hang_in_save:
-        fsync_dir = checkpoint._fsync_dir
+        # Only save_checkpoint looks atomic_dir up in offline.checkpoint; train's snapshots and
+        # the model builders hold their own reference, so they are not held up.
+        atomic_dir = checkpoint.atomic_dir
 
-        def hang(directory: Path) -> None:
-            fsync_dir(directory)
-            emit("saving", dir=str(directory))
-            time.sleep(600)
+        @contextlib.contextmanager
+        def hang(final: Path, overwrite: bool = False):
+            with atomic_dir(final, overwrite) as tmp:
+                yield tmp
+                emit("saving", dir=str(tmp))
+                time.sleep(600)
 
-        checkpoint._fsync_dir = hang
+        checkpoint.atomic_dir = hang
 
     def announce(add, records):
         result = add(records)  # returned = acknowledged by Redis
