@@ -1,19 +1,21 @@
-"""The replay buffer's config section, and the URL redaction every log line and error goes through.
+"""The replay buffer's config section.
 
 Contract: `BufferConfig` is frozen and validated at start-up. The Redis password never lives in
 the config (the resolved config is written into every checkpoint and flow run): it is read from
 the environment variable named by `password_env` at connect time. A URL carrying a password is
 refused with `PasswordInUrl`, which is deliberately *not* a `ValueError`: pydantic would wrap a
-`ValueError` in a `ValidationError` whose text echoes the raw input, password included.
+`ValueError` in a `ValidationError` whose text echoes the raw input, password included. Every
+URL shown in a log line or an error goes through `offline.secrets.redact_url` first.
 """
 
 from __future__ import annotations
 
 from typing import Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
+from offline.secrets import redact_url
 from offline.section import Section
 
 DEFAULT_PASSWORD_ENV = "TETHER_REDIS_PASSWORD"
@@ -21,23 +23,6 @@ DEFAULT_PASSWORD_ENV = "TETHER_REDIS_PASSWORD"
 
 class PasswordInUrl(Exception):
     """A Redis URL in the config carried a password (raised with the password redacted)."""
-
-
-def redact_url(url: str) -> str:
-    """`url` with any password replaced by `***`, safe for logs and error messages."""
-    try:
-        parts = urlsplit(url)
-        password = parts.password
-        port = parts.port
-    except ValueError:  # unparseable (e.g. a bad port): show only the scheme
-        return url.split("://", 1)[0] + "://<unparseable>"
-    if password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port is not None else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 
 
 class BufferConfig(Section):

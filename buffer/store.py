@@ -62,7 +62,7 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from buffer import scripts
-from buffer.config import BufferConfig, redact_url
+from buffer.config import BufferConfig
 from buffer.lock import CycleLock, cycle_lock
 from buffer.mixing import POOLS, Group, NotEnoughPairs, Pool, plan_sample
 from buffer.records import (
@@ -78,6 +78,7 @@ from buffer.records import (
 )
 from buffer.server import LocalRedis
 from offline.pairs import PreferencePair
+from offline.secrets import redact_url
 
 log = logging.getLogger(__name__)
 

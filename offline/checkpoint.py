@@ -16,7 +16,8 @@ Contract:
   atomic `renameat2(RENAME_EXCHANGE)` on Linux (two renames elsewhere). `lineage.json` and the
   marker are written with `offline.atomic`, like every other metadata file.
 - Secrets are never written: the config arrives already redacted, and `save_checkpoint` refuses
-  a lineage in which a secret-looking key still holds a value.
+  a lineage in which `offline.secrets.find_secrets` still finds one (a secret-named key with a
+  value, a URL password, a credential-shaped string).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import uuid
@@ -40,6 +40,7 @@ from typing import Any, Iterator, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from offline.atomic import atomic_write, fsync_dir, fsync_tree
+from offline.secrets import find_secrets
 
 LINEAGE_FILE = "lineage.json"
 COMPLETE_MARKER = "tether-complete.json"
@@ -85,44 +86,6 @@ class Lineage(BaseModel):
         default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     )
     """UTC ISO-8601 time of the save."""
-
-
-# Keys whose values must never reach disk; matched on the last path component, case-insensitive.
-# Deliberately narrow: `pad_token`/`max_tokens` are config, not secrets.
-_SECRET_KEY = re.compile(
-    r"(api[_-]?key|apikey|secret|password|passwd|auth[_-]?token|access[_-]?token|hf[_-]?token|bearer)$",
-    re.IGNORECASE,
-)
-# Values that look like credentials whatever their key is called.
-_SECRET_VALUE = re.compile(r"^(sk-[A-Za-z0-9_\-]{16,}|hf_[A-Za-z0-9]{20,})$")
-
-
-def _redacted(value: Any) -> bool:
-    """None, '' and masks like '**********' (pydantic's SecretStr dump) or '<redacted>' are safe."""
-    if value is None:
-        return True
-    if not isinstance(value, str):
-        return False
-    v = value.strip()
-    return v == "" or set(v) <= {"*"} or v.lower() in {"<redacted>", "redacted", "[redacted]"}
-
-
-def find_secrets(obj: Any, path: str = "") -> list[str]:
-    """Dotted paths of values that look like unredacted secrets (the values themselves are not returned)."""
-    found: list[str] = []
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            sub = f"{path}.{k}" if path else str(k)
-            if _SECRET_KEY.search(str(k)) and not isinstance(v, (dict, list)) and not _redacted(v):
-                found.append(sub)
-            else:
-                found.extend(find_secrets(v, sub))
-    elif isinstance(obj, list):
-        for i, v in enumerate(obj):
-            found.extend(find_secrets(v, f"{path}[{i}]"))
-    elif isinstance(obj, str) and _SECRET_VALUE.match(obj.strip()):
-        found.append(path or "<root>")
-    return found
 
 
 @functools.lru_cache(maxsize=1)

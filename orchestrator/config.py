@@ -8,7 +8,6 @@ written into every checkpoint's lineage and every flow run's artifacts (`redacte
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from buffer.config import BufferConfig
 from offline.config import DataConfig, ModelConfig, TrainConfig
+from offline.secrets import redact
 from online.config import OnlineConfig
 
 
@@ -138,27 +138,7 @@ def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<pw>[^@/]+)@", re.I)
-_SECRET_KEY = re.compile(r"(password|secret|token|api_key)$", re.I)
-
-
-def redact(value: Any) -> Any:
-    """Strip secrets from a config-like structure: URL passwords and secret-named fields.
-
-    Secrets are meant to come only from the environment (config fields hold env var *names*),
-    so this is a second line of defence for a URL typed with its password inline.
-    """
-    if isinstance(value, dict):
-        return {
-            k: ("***" if _SECRET_KEY.search(str(k)) and v else redact(v)) for k, v in value.items()
-        }
-    if isinstance(value, list | tuple):
-        return [redact(v) for v in value]
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
-    return value
-
-
 def redacted_dump(cfg: TetherConfig) -> dict[str, Any]:
-    """The resolved config as JSON-ready data, secrets removed: what lineage and artifacts store."""
+    """The resolved config as JSON-ready data, secrets removed (`offline.secrets.redact`): what
+    lineage and artifacts store."""
     return redact(cfg.model_dump(mode="json"))

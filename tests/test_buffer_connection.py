@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from buffer.config import BufferConfig, PasswordInUrl, redact_url
+from buffer.config import BufferConfig, PasswordInUrl
 from buffer.server import LocalRedis, free_port
 from buffer.store import BufferUnavailable, ReplayBuffer
+from offline.secrets import redact_url
 from offline.section import Section
 
 SECRET = "s3cret-Hunter2-xyzzy"

@@ -14,12 +14,12 @@ from offline.checkpoint import (
     CheckpointRef,
     checkpoint_ref,
     code_version,
-    find_secrets,
     is_complete,
     read_lineage,
     save_checkpoint,
 )
 from offline.demo_task import build_demo_tokenizer
+from offline.secrets import find_secrets
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.config import ConfigError, load_config, redact, redacted_dump
+from offline.secrets import redact
+from orchestrator.config import ConfigError, load_config, redacted_dump
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,12 @@ loopback fake OpenAI server (requiring that key) and whose buffer is a password-
 redis-server outside the state dir, then greps for either secret in: every artifact, log,
 flow run and task run read back from Prefect's API; every log record of the process (tether,
 httpx, httpcore and redis at DEBUG); captured stdout/stderr; every lineage.json; every file
-under the state dir and PREFECT_HOME; every key and value in Redis.
+under the state dir and PREFECT_HOME; every key and value in Redis. A third secret, a password
+typed inline into a config URL (set through an environment override), must reach every
+lineage masked by `offline.secrets.redact`, the one redaction function, and nowhere in clear.
+
+Unit tests pin down that function: what it masks, what it must leave alone (tokenizer settings,
+names of environment variables), and that `find_secrets` flags exactly what it would mask.
 
 Static checks: `torch.load` is never called without `weights_only=True`, nothing in the
 package imports pickle (or a pickle wrapper), and saved checkpoints hold only safetensors
@@ -16,6 +21,7 @@ weights.
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
 import uuid
@@ -34,7 +40,10 @@ from _faults import CONFIG, ROOT, prepare_state, small_overrides  # noqa: E402
 
 KEY = f"sk-planted-XYZ-{uuid.uuid4().hex}"
 REDIS_PW = f"redis-planted-{uuid.uuid4().hex}"
-SECRETS = {"judge API key": KEY, "redis password": REDIS_PW}
+URL_PW = f"url-planted-{uuid.uuid4().hex}"
+SECRETS = {"judge API key": KEY, "redis password": REDIS_PW, "URL password": URL_PW}
+# Inline in a config URL that the demo's local (hf) generation backend never dials.
+GENERATION_URL = f"http://gen:{URL_PW}@127.0.0.1:9/v1"
 PACKAGES = ("offline", "online", "buffer", "orchestrator")
 PICKLERS = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "joblib", "shelve"}
 UNSAFE_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -132,6 +141,7 @@ def test_a_cycle_with_keys_in_the_environment_writes_them_nowhere(harness, tmp_p
 
     monkeypatch.setenv("TETHER_JUDGE_API_KEY", KEY)
     monkeypatch.setenv("TETHER_REDIS_PASSWORD", REDIS_PW)
+    monkeypatch.setenv("TETHER_ONLINE__GENERATION__BASE_URL", GENERATION_URL)
     records = Records()
     logging.getLogger().addHandler(records)
     levels = {n: logging.getLogger(n).level for n in (*PACKAGES, "httpx", "httpcore", "redis")}
@@ -166,6 +176,8 @@ def test_a_cycle_with_keys_in_the_environment_writes_them_nowhere(harness, tmp_p
         k: len(v) for k, v in from_prefect.items()}
     lineages = sorted(state.rglob("lineage.json"))
     assert len(lineages) >= 2  # the initial checkpoint and the cycle's
+    for p in lineages:  # the URL reached each lineage, through redact
+        assert json.loads(p.read_text())["config"]["online"]["generation"]["base_url"] == "http://gen:***@127.0.0.1:9/v1"
     assert records.lines and stored
     out, err = capfd.readouterr()
     found = [
@@ -209,6 +221,79 @@ def test_a_secret_set_as_a_config_field_is_refused_without_echoing_it(monkeypatc
     with pytest.raises(ConfigError) as info:
         load_config(CONFIG)
     assert "api_key" in str(info.value) and not leaks("error", str(info.value))
+
+
+# -- the one redaction function (offline/secrets.py) ----------------------------------------------
+
+
+def test_redact_masks_secret_keys_url_passwords_and_credential_shaped_values() -> None:
+    from offline.secrets import find_secrets, redact
+
+    hf = "hf_" + "A1b2" * 6
+    config = {
+        "judge": {"api_key": KEY, "api_key_env": "TETHER_JUDGE_API_KEY", "base_url": GENERATION_URL},
+        "buffer": {"password_env": "TETHER_REDIS_PASSWORD", "redis_password": REDIS_PW, "token": "t0k"},
+        "tokenizer": {"pad_token": "<pad>", "eos_token": "<eos>", "eos_token_id": 2, "max_tokens": 64},
+        "headers": ("Authorization: Bearer " + REDIS_PW, KEY, hf, "task-0123456789abcdefghij"),
+        "masked": {"password": "", "secret": None, "auth_token": "**********", "passwd": "<redacted>"},
+    }
+    out = redact(config)
+    assert out == {
+        "judge": {"api_key": "***", "api_key_env": "TETHER_JUDGE_API_KEY", "base_url": "http://gen:***@127.0.0.1:9/v1"},
+        "buffer": {"password_env": "TETHER_REDIS_PASSWORD", "redis_password": "***", "token": "***"},
+        "tokenizer": {"pad_token": "<pad>", "eos_token": "<eos>", "eos_token_id": 2, "max_tokens": 64},
+        "headers": ("Authorization: Bearer ***", "***", "***", "task-0123456789abcdefghij"),
+        "masked": {"password": "", "secret": None, "auth_token": "**********", "passwd": "<redacted>"},
+    }
+    assert not leaks("redacted", repr(out))
+    # find_secrets flags exactly what redact masks, and nothing once it has.
+    assert find_secrets(config) == [
+        "judge.api_key", "judge.base_url", "buffer.redis_password", "buffer.token",
+        "headers[0]", "headers[1]", "headers[2]",
+    ]
+    assert find_secrets(out) == []
+
+
+def test_tokenizer_settings_and_variable_names_are_not_secrets() -> None:
+    """orchestrator.config's old copy masked every key ending in `token` (so `pad_token` and
+    `eos_token` vanished from lineage); only a bare `token` and the credential names are secret."""
+    from offline.secrets import find_secrets, is_secret_key, redact
+
+    plain = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token_id": 2, "max_tokens": 5, "max_new_tokens": 8,
+             "api_key_env": "X", "password_env": "Y", "secret_name": "z", "tokenizer": "gpt2"}
+    assert redact(plain) == plain and find_secrets(plain) == []
+    secret = ["token", "Token", "api_key", "x-api-key", "apikey", "client_secret", "redis_password", "passwd",
+              "auth_token", "access-token", "HF_TOKEN", "bearer"]
+    assert [k for k in secret if not is_secret_key(k)] == []
+
+
+def test_both_old_copies_gaps_are_closed() -> None:
+    """orchestrator.config's old redact left credential-shaped values in clear; offline.checkpoint's
+    old find_secrets did not flag a URL's inline password. The one function does both."""
+    from offline.secrets import find_secrets, redact
+
+    assert redact({"model": KEY, "note": f"key {KEY} here"}) == {"model": "***", "note": "key *** here"}
+    assert find_secrets({"buffer": {"url": f"redis://:{REDIS_PW}@h:6379/0"}}) == ["buffer.url"]
+    assert find_secrets({"buffer": {"url": "redis://:***@h:6379/0"}}) == []
+
+
+def test_redact_url_masks_only_the_password_and_hides_an_unparseable_url() -> None:
+    from offline.secrets import redact_url
+
+    assert redact_url(f"redis://u:{REDIS_PW}@[::1]:6379/0?x=1") == "redis://u:***@[::1]:6379/0?x=1"
+    assert redact_url("https://judge.example/v1") == "https://judge.example/v1"
+    # A bad port makes the password's place unknowable: show the scheme only.
+    assert redact_url(f"redis://u:{REDIS_PW}@h:port/0") == "redis://<unparseable>"
+
+
+def test_the_resolved_config_goes_through_redact(monkeypatch) -> None:
+    from offline.secrets import find_secrets
+    from orchestrator.config import load_config, redacted_dump
+
+    monkeypatch.setenv("TETHER_ONLINE__GENERATION__BASE_URL", GENERATION_URL)
+    dump = redacted_dump(load_config(CONFIG))
+    assert dump["online"]["generation"]["base_url"] == "http://gen:***@127.0.0.1:9/v1"
+    assert find_secrets(dump) == [] and not leaks("config dump", json.dumps(dump))
 
 
 # -- static checks over the package ---------------------------------------------------------------
