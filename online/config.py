@@ -110,9 +110,9 @@ class GenerationConfig(Section):
     timeout_s: float = Field(default=60.0, gt=0.0)
     """openai backend: per-request timeout, seconds."""
     max_retries: int = Field(default=3, ge=0)
-    """openai backend: re-sends after a 408/409/425/429/5xx, a timeout or a connection error."""
+    """openai backend: re-sends after a 408/409/425/429/5xx, a timeout, a connection error or a malformed reply."""
     retry_backoff_s: float = Field(default=0.5, ge=0.0)
-    """openai backend: first retry delay, doubled each retry (a Retry-After header wins)."""
+    """openai backend: first retry delay, doubled each retry up to 30 s, with jitter (see `online.http`)."""
     vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=0.95)
     """vllm backend: the share of the GPU's memory vLLM may take (weights + KV cache). The
     policy being trained is on the same GPU in the same process, and vLLM refuses to start when
@@ -144,11 +144,11 @@ class LLMJudgeConfig(Section):
     timeout_s: float = Field(default=30.0, gt=0)
     """Per-request timeout (connect, read, write and pool wait each), seconds."""
     max_retries: int = Field(default=5, ge=0)
-    """Re-sends after a 429/5xx/timeout/connection error before a request gives up."""
+    """Re-sends after a 408/409/425/429/5xx, timeout, connection error or malformed reply before giving up."""
     backoff_base_s: float = Field(default=0.5, gt=0)
     """First backoff wait; doubles each retry, with jitter (when no Retry-After is sent)."""
     backoff_max_s: float = Field(default=20.0, gt=0)
-    """Cap on one exponential backoff wait (a server's Retry-After is honoured regardless)."""
+    """Cap on one exponential backoff wait (a server's Retry-After is honoured up to 120 s; longer gives up)."""
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     """Sampling temperature of the judge (0: deterministic verdicts, which makes caching sound)."""
     max_tokens: int = Field(default=16, gt=0)

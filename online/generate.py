@@ -7,9 +7,10 @@ EOS). Three backends:
 
 - `hf`: transformers `generate` in-process (the CPU default; reuses a loaded model+tokenizer).
 - `openai`: any OpenAI-compatible completions server (e.g. `vllm serve <checkpoint>`); one
-  request per prompt with `n=k`, bounded concurrency, timeouts and retries declared in one
-  place (`_RETRY_STATUS`, `_post_with_retries`); the API key comes from an env var and is never
-  logged.
+  request per prompt with `n=k`, at most `concurrency` in flight. Timeouts, retries (which
+  statuses and errors, backoff with jitter, Retry-After) and the API key header come from
+  `online.http`, configured by `max_retries`, `retry_backoff_s`, `timeout_s`, `api_key_env`;
+  a request that fails for good, or a reply without `k` texts, raises `GenerationError`.
 - `vllm`: in-process `vllm.LLM` on a GPU (optional extra `tether[vllm]`).
 
 Prompts are tokenised without special tokens, as `offline.tokenize` does for training: the
@@ -21,8 +22,7 @@ which the KL estimate in `online.kl` relies on (it shares `sample_ids` below).
 
 from __future__ import annotations
 
-import os
-import time
+import random
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,12 +33,9 @@ import torch
 
 from offline.seeds import derive_seed
 from online.config import GenerationConfig
+from online.http import RequestFailed, RetryPolicy, auth_headers, post_json
 from online.prompts import Prompt
 from online.types import Generation
-
-# Transient failures worth a re-send; any other non-2xx status fails at once.
-_RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-_MAX_BACKOFF_S = 30.0
 
 
 class GenerationError(RuntimeError):
@@ -215,6 +212,11 @@ class OpenAIGenerator:
     def __init__(self, cfg: GenerationConfig, model_name: str, policy_version: str):
         self.cfg, self.model_name, self.policy_version = cfg, model_name, policy_version
         self.url = f"{str(cfg.base_url).rstrip('/')}/completions"
+        # Backoff cap and Retry-After cap: the helper's defaults (30 s, 120 s).
+        self.policy = RetryPolicy(
+            max_retries=cfg.max_retries, backoff_base_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s
+        )
+        self._rng = random.Random()  # backoff jitter only: samples are seeded per request
 
     def __repr__(self) -> str:  # never show headers (the API key)
         return f"OpenAIGenerator(url={self.url!r}, model={self.model_name!r})"
@@ -222,12 +224,8 @@ class OpenAIGenerator:
     def generate(self, prompts: Sequence[Prompt], k: int, seed: int) -> list[Generation]:
         if not prompts:
             return []
-        headers = {}
-        key = os.environ.get(self.cfg.api_key_env)
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
         with (
-            httpx.Client(timeout=self.cfg.timeout_s, headers=headers) as client,
+            httpx.Client(headers=auth_headers(self.cfg.api_key_env)) as client,
             ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool,
         ):
             def one(i: int) -> tuple[str, ...]:
@@ -249,51 +247,21 @@ class OpenAIGenerator:
             "max_tokens": self.cfg.max_new_tokens,
             "seed": seed,
         }
-        body = _post_with_retries(client, self.url, payload, self.cfg.max_retries, self.cfg.retry_backoff_s)
         try:
-            choices = sorted(body["choices"], key=lambda c: c.get("index", 0))
-            texts = tuple(c["text"] for c in choices)
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise GenerationError(f"{self.url}: malformed completions reply (missing {exc})") from None
+            texts = post_json(client, self.url, payload, self.policy, rng=self._rng, parse=_completion_texts)
+        except RequestFailed as exc:
+            raise GenerationError(str(exc)) from None
         if len(texts) != k or not all(isinstance(t, str) for t in texts):
+            # Not retried: a server that ignores `n` answers the same way every time.
             raise GenerationError(
                 f"{self.url}: asked for n={k} completions, got {len(texts)}: does the server support `n`?"
             )
         return texts
 
 
-def _post_with_retries(
-    client: httpx.Client, url: str, payload: dict, max_retries: int, backoff_s: float
-) -> dict:
-    """POST JSON; re-send on `_RETRY_STATUS`, timeouts and connection errors, else fail at once."""
-    for attempt in range(max_retries + 1):
-        last_try = attempt == max_retries
-        try:
-            resp = client.post(url, json=payload)
-        except httpx.TransportError as exc:
-            if last_try:
-                raise GenerationError(
-                    f"{url}: {type(exc).__name__} after {attempt + 1} tries: {exc}"
-                ) from None
-            time.sleep(min(backoff_s * 2**attempt, _MAX_BACKOFF_S))
-            continue
-        if resp.status_code < 300:
-            try:
-                return resp.json()
-            except ValueError:
-                raise GenerationError(f"{url}: reply is not JSON: {resp.text[:200]!r}") from None
-        if resp.status_code not in _RETRY_STATUS or last_try:
-            tries = f" after {attempt + 1} tries" if attempt else ""
-            raise GenerationError(f"{url}: HTTP {resp.status_code}{tries}: {resp.text[:300]}")
-        time.sleep(_retry_delay(resp, backoff_s * 2**attempt))
-    raise AssertionError("unreachable")
-
-
-def _retry_delay(resp: httpx.Response, default: float) -> float:
-    try:
-        return min(float(resp.headers["retry-after"]), _MAX_BACKOFF_S)
-    except (KeyError, ValueError):
-        return min(default, _MAX_BACKOFF_S)
+def _completion_texts(body: dict) -> tuple:
+    """The choices' texts in index order (a KeyError/TypeError marks the reply malformed)."""
+    return tuple(c["text"] for c in sorted(body["choices"], key=lambda c: c.get("index", 0)))
 
 
 # --------------------------------------------------------------------------- vllm backend

@@ -9,13 +9,14 @@ One interface, three kinds. Every judge has a `name` and
    Pairs come from `judge_prompt.select_pairs` (disjoint consecutive pairs of distinct
    responses); each pair is asked in both orders (A/B, then swapped) and labelled only when
    both orders name the same response, with confidence 1.0; otherwise it is a tie. Requests
-   run concurrently, at most `concurrency` at once, each with a `timeout_s` timeout; 429,
-   5xx, timeouts, connection errors and malformed bodies are retried up to `max_retries` times
-   with exponential backoff and jitter, or after exactly the server's `Retry-After` (plus up
-   to 10% jitter) when it sends one (a Retry-After over `MAX_RETRY_AFTER_S` gives the request
-   up instead of stalling the cycle). 401/403/404 mean the configuration is wrong and raise
-   `JudgeAPIError`; other 4xx fail that pair only (counted in `errors`). The API key is read
-   from the environment variable `api_key_env` at each pass and only ever placed in the
+   run concurrently, at most `concurrency` at once, through `online.http.apost_json` under a
+   `RetryPolicy` of `max_retries`, `backoff_base_s`, `backoff_max_s` and `timeout_s`: 408,
+   409, 425, 429, 5xx, timeouts, connection errors and malformed bodies are retried with
+   exponential backoff and jitter, or after exactly the server's `Retry-After` (plus up to 10%
+   jitter; a Retry-After over the policy's cap gives the request up instead of stalling the
+   cycle). 401/403/404 mean the configuration is wrong and raise `JudgeAPIError`; other 4xx
+   fail that pair only (counted in `errors`). The API key is read from the environment
+   variable `api_key_env` at each pass (`online.http.auth_headers`) and only ever placed in the
    Authorization header: it is not stored on the judge, logged, or put in any message or stat.
    Parsed verdicts are cached per ordered call (`judge_prompt.verdict_cache_key`) in memory
    and, with `cache_dir`, in a JSON file written atomically after each pass. The budget
@@ -39,14 +40,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import logging
 import os
 import random
 import ssl
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,6 +55,7 @@ import httpx
 from offline.atomic import atomic_write_json
 from online.config import JudgeConfig, LLMJudgeConfig
 from online.cost import Budget, CostMeter
+from online.http import RequestFailed, RetryPolicy, apost_json, auth_headers
 from online.judge_prompt import (
     TEMPLATE_VERSION,
     Verdict,
@@ -99,39 +100,6 @@ def build_judge(cfg: JudgeConfig) -> Judge:
 
 class JudgeAPIError(RuntimeError):
     """The judge API refused in a way retrying cannot fix (wrong key, model or URL)."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Retry timing (pure)
-
-# A Retry-After longer than this is treated as "not today": the request gives up rather than
-# stall the cycle.
-MAX_RETRY_AFTER_S = 120.0
-
-
-def retry_after_s(header: str | None, now: float | None = None) -> float | None:
-    """Seconds a `Retry-After` header asks us to wait (delta-seconds or HTTP-date), else None."""
-    if header is None:
-        return None
-    header = header.strip()
-    try:
-        return max(0.0, float(header))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(header)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
-def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Wait before re-send number `attempt + 1`: min(max, base * 2**attempt), times U(0.5, 1).
-
-    Jitter spreads out re-sends of requests that failed together; keeping at least half the
-    exponential wait keeps the backoff meaningful.
-    """
-    return min(max_s, base_s * 2.0**attempt) * rng.uniform(0.5, 1.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +185,12 @@ class LLMJudge:
         self.cache = VerdictCache(cfg.cache_dir)
         # Parsed once: httpx re-parses a str URL on every request.
         self._url = httpx.URL(cfg.base_url.rstrip("/") + "/chat/completions")
+        self._policy = RetryPolicy(
+            max_retries=cfg.max_retries,
+            backoff_base_s=cfg.backoff_base_s,
+            backoff_max_s=cfg.backoff_max_s,
+            timeout_s=cfg.timeout_s,
+        )
         self._rng = random.Random()
         self._ssl_context: ssl.SSLContext | None = None
         self._refused = self._answered = 0
@@ -239,7 +213,9 @@ class LLMJudge:
         """Judge every selected pair of every generation; judgments come back in input order."""
         cfg = self.cfg
         meter = CostMeter(self.budget, cfg.price_prompt_per_mtok, cfg.price_completion_per_mtok)
-        headers = self._headers()
+        headers = auth_headers(cfg.api_key_env)
+        if not headers:
+            log.warning("%s is not set: calling the judge API without an Authorization header", cfg.api_key_env)
         started = time.perf_counter()
         # One single-connection client per concurrency slot; the queue of idle clients is the
         # semaphore. httpcore's pool rescans every pooled connection (with a socket-readability
@@ -255,7 +231,6 @@ class LLMJudge:
                 for _ in range(cfg.concurrency):
                     client = httpx.AsyncClient(
                         headers=headers,
-                        timeout=httpx.Timeout(cfg.timeout_s),
                         limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
                         verify=self._ssl_context,
                     )
@@ -285,17 +260,6 @@ class LLMJudge:
             " [budget exhausted]" if stats.budget_exhausted else "", time.perf_counter() - started,
         )
         return judgments, stats
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        key = os.environ.get(self.cfg.api_key_env, "").strip()
-        if not key:
-            log.warning("%s is not set: calling the judge API without an Authorization header", self.cfg.api_key_env)
-            return headers
-        if not key.isprintable() or any(c.isspace() for c in key):
-            # httpx/h11 would echo an illegal header value in its exception message.
-            raise ValueError(f"{self.cfg.api_key_env} contains whitespace or control characters; fix the key")
-        return {**headers, "Authorization": f"Bearer {key}"}
 
     async def _judge_pair(
         self, slots: asyncio.Queue[httpx.AsyncClient], meter: CostMeter, gen: Generation, i: int, j: int
@@ -347,14 +311,13 @@ class LLMJudge:
             },
         )
 
-    def _request_body(self, prompt: str, response_a: str, response_b: str) -> bytes:
-        payload = {
+    def _payload(self, prompt: str, response_a: str, response_b: str) -> dict[str, Any]:
+        return {
             "model": self.cfg.model,
             "messages": build_pairwise_messages(prompt, response_a, response_b),
             "temperature": self.cfg.temperature,
             "max_tokens": self.cfg.max_tokens,
         }
-        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
     async def _ask(
         self,
@@ -367,66 +330,66 @@ class LLMJudge:
         response_b: str,
     ) -> Verdict | None | str:
         """One ordered call with retries: a verdict (None if unparseable), `_ERROR` or `_BUDGET`."""
-        cfg = self.cfg
-        body: bytes | None = None
-        for attempt in range(cfg.max_retries + 1):
-            wait: float | None = None
-            client = await slots.get()  # a free concurrency slot
-            try:
-                # Budget is checked only now, when the request would start (see online.cost).
-                if not (ticket.claim(meter) if attempt == 0 else meter.reserve(1)):
-                    return _BUDGET
-                meter.record_request(retry=attempt > 0)
-                if body is None:  # built once a slot is free, so the first requests go out at once
-                    body = self._request_body(prompt, response_a, response_b)
-                try:
-                    resp = await client.post(self._url, content=body)
-                except httpx.TransportError as exc:  # timeouts, refused/dropped connections
-                    reason = f"{type(exc).__name__}"
-                    if isinstance(exc, httpx.ConnectError):
-                        self._refused += 1
-                else:
-                    self._answered += 1
-                    status = resp.status_code
-                    if status == 200:
-                        try:
-                            data = resp.json()
-                            text = data["choices"][0]["message"]["content"]
-                        except (ValueError, KeyError, IndexError, TypeError):
-                            reason = "malformed 200 response body"
-                        else:
-                            usage = data.get("usage")
-                            meter.record_usage(usage if isinstance(usage, dict) else None)
-                            verdict = parse_verdict(text) if isinstance(text, str) else None
-                            if verdict is not None:
-                                self.cache.put(key, verdict)
-                            return verdict
-                    elif status in (401, 403, 404):
-                        raise JudgeAPIError(
-                            f"judge API {self._url} answered HTTP {status} for model {cfg.model!r}: "
-                            f"check base_url, model and the key in ${cfg.api_key_env}"
-                        )
-                    elif status == 429 or status >= 500:
-                        reason = f"HTTP {status}"
-                        wait = retry_after_s(resp.headers.get("retry-after"))
-                    else:
-                        log.warning("judge request rejected with HTTP %d; dropping this pair", status)
-                        return _ERROR
-            finally:
-                slots.put_nowait(client)  # free the slot before any backoff sleep
-            if attempt == cfg.max_retries:
-                break
-            if wait is None:
-                wait = backoff_s(attempt, cfg.backoff_base_s, cfg.backoff_max_s, self._rng)
-            elif wait > MAX_RETRY_AFTER_S:
-                log.warning("judge API asked to wait %.0fs (> %.0fs); giving up", wait, MAX_RETRY_AFTER_S)
-                break
-            else:
-                wait *= self._rng.uniform(1.0, 1.1)  # never early; spread out a herd of 429s
-            log.debug("judge request failed (%s); retry %d/%d in %.2fs", reason, attempt + 1, cfg.max_retries, wait)
-            await asyncio.sleep(wait)
-        log.warning("judge request failed for good (%s) after %d attempts", reason, attempt + 1)
-        return _ERROR
+
+        def before_send(attempt: int) -> None:
+            # Budget is checked only now, when the request would start (see online.cost).
+            if not (ticket.claim(meter) if attempt == 0 else meter.reserve(1)):
+                raise _OverBudget
+            meter.record_request(retry=attempt > 0)
+
+        try:
+            text, usage = await apost_json(
+                lambda: _slot(slots),
+                self._url,
+                # Built once a slot is free, so the first requests go out at once.
+                lambda: self._payload(prompt, response_a, response_b),
+                self._policy,
+                rng=self._rng,
+                parse=_chat_reply,
+                on_send=before_send,
+                on_reply=self._count_reply,
+            )
+        except _OverBudget:
+            return _BUDGET
+        except RequestFailed as exc:
+            if exc.status in (401, 403, 404):
+                raise JudgeAPIError(
+                    f"judge API {self._url} answered HTTP {exc.status} for model {self.cfg.model!r}: "
+                    f"check base_url, model and the key in ${self.cfg.api_key_env}"
+                ) from None
+            log.warning("judge request failed for good; dropping this pair: %s", exc)
+            return _ERROR
+        meter.record_usage(usage if isinstance(usage, dict) else None)
+        verdict = parse_verdict(text) if isinstance(text, str) else None
+        if verdict is not None:
+            self.cache.put(key, verdict)
+        return verdict
+
+    def _count_reply(self, result: httpx.Response | httpx.RequestError) -> None:
+        """Connection refusals vs HTTP answers: tells a dead server from a failing one."""
+        if isinstance(result, httpx.Response):
+            self._answered += 1
+        elif isinstance(result, httpx.ConnectError):
+            self._refused += 1
+
+
+class _OverBudget(Exception):
+    """Raised before a send when the budget refuses it: the request is not sent."""
+
+
+def _chat_reply(body: Any) -> tuple[Any, Any]:
+    """(message content, usage) of a chat completion; a KeyError/IndexError/TypeError if malformed."""
+    return body["choices"][0]["message"]["content"], body.get("usage")
+
+
+@contextlib.asynccontextmanager
+async def _slot(slots: asyncio.Queue[httpx.AsyncClient]) -> AsyncIterator[httpx.AsyncClient]:
+    """Hold a free concurrency slot (an idle client) for one attempt."""
+    client = await slots.get()
+    try:
+        yield client
+    finally:
+        slots.put_nowait(client)  # freed before any backoff sleep
 
 
 async def _done(value: Any) -> Any:

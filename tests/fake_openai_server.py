@@ -1,11 +1,12 @@
-"""A real OpenAI-compatible chat completions server on loopback, for the judge's tests and benchmark.
+"""A real OpenAI-compatible server on loopback, for the judge's and the generator's tests and benchmark.
 
 `FakeOpenAIServer` runs a stdlib `ThreadingHTTPServer` (HTTP/1.1 keep-alive, one thread per
 connection) on 127.0.0.1 with an ephemeral port, in a background thread. It answers
 `POST /v1/chat/completions` like a judge model that reads our pairwise prompt
 (`online.judge_prompt`): the ground truth prefers the reply containing `marker` ("A" or "B";
 "tie" when both or neither contain it). Every answer carries `usage` (prompt_tokens = words in
-the messages, completion_tokens = 1).
+the messages, completion_tokens = 1). It also answers `POST /v1/completions` like a policy
+server (the generator's `openai` backend): `n` texts `"<prompt> #<j>"`, under the same faults.
 
 Scriptable behaviour, applied per request:
 - `mode`: "rule" (the ground truth), "always_a" (position bias: disagrees across orders),
@@ -13,7 +14,8 @@ Scriptable behaviour, applied per request:
   e.g. a real model's samples, which carry no marker);
 - `script(*faults)`: the next requests, in arrival order, get these faults;
 - `storm={fault: probability}`: with no scripted fault left, each request draws one (seeded);
-- faults: "400", "429" (with `Retry-After: retry_after`), "500", "timeout" (sleeps `timeout_sleep_s`
+- faults: "400", "429" and "503" (both with `Retry-After: retry_after`, delta-seconds or an
+  HTTP-date), "500", "timeout" (sleeps `timeout_sleep_s`
   before answering), "drop" (closes the connection without a reply), "garbage",
   "always_a", "malformed" (a 200 whose body is not JSON), "no_choices" (a 200 with
   `"choices": []`);
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import random
@@ -43,7 +46,7 @@ from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("400", "429", "500", "timeout", "drop", "garbage", "always_a", "malformed", "no_choices")
+FAULTS = ("400", "429", "500", "503", "timeout", "drop", "garbage", "always_a", "malformed", "no_choices")
 GARBAGE = "Both replies have their merits, and it is hard to say."
 _REPLY_A = re.compile(r"<reply_a>\n(.*?)\n</reply_a>", re.S)
 _REPLY_B = re.compile(r"<reply_b>\n(.*?)\n</reply_b>", re.S)
@@ -149,7 +152,7 @@ class FakeOpenAIServer:
 
     def _handle(self, h: _Handler, raw: bytes) -> None:
         t = time.monotonic()
-        auth_ok = self.api_key is None or h.headers.get("Authorization") == f"Bearer {self.api_key}"
+        auth_ok = self._auth_ok(h)
         try:
             body = json.loads(raw)
             messages = body["messages"]
@@ -161,9 +164,41 @@ class FakeOpenAIServer:
         except (ValueError, KeyError, TypeError, StopIteration):
             self._log(RequestRecord(t, "", None, 400, auth_ok, None))
             return h.reply(400, {"error": {"message": "bad request"}})
-        if not auth_ok:
-            self._log(RequestRecord(t, key, None, 401, auth_ok, truth))
-            return h.reply(401, {"error": {"message": "invalid api key"}})
+        fault = self._fault(h, RequestRecord(t, key, None, 0, auth_ok, truth))
+        if fault == "answered":
+            return
+        behaviour = fault if fault in ("garbage", "always_a") else self.mode
+        text = {"garbage": GARBAGE, "always_a": "A"}.get(behaviour, truth or "tie")
+        with self._lock:
+            self.prompt_tokens += n_words
+            self.completion_tokens += 1
+        h.reply(200, completion(key, body.get("model", self.model), text, n_words))
+
+    def _handle_completions(self, h: _Handler, raw: bytes) -> None:
+        t = time.monotonic()
+        auth_ok = self._auth_ok(h)
+        try:
+            body = json.loads(raw)
+            prompt, n = body["prompt"], int(body.get("n", 1))
+            key = hashlib.sha256(prompt.encode()).hexdigest()[:16]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._log(RequestRecord(t, "", None, 400, auth_ok, None))
+            return h.reply(400, {"error": {"message": "bad request"}})
+        if self._fault(h, RequestRecord(t, key, None, 0, auth_ok, None)) == "answered":
+            return
+        choices = [{"index": j, "text": f"{prompt} #{j}", "finish_reason": "stop"} for j in range(n)]
+        h.reply(200, {"id": f"cmpl-{key}", "object": "text_completion", "model": body.get("model", self.model),
+                      "choices": choices})
+
+    def _auth_ok(self, h: _Handler) -> bool:
+        return self.api_key is None or h.headers.get("Authorization") == f"Bearer {self.api_key}"
+
+    def _fault(self, h: _Handler, rec: RequestRecord) -> str | None:
+        """Log the request and apply its fault: "answered" when that already replied, else the fault."""
+        if not rec.auth_ok:
+            self._log(dataclasses.replace(rec, status=401))
+            h.reply(401, {"error": {"message": "invalid api key"}})
+            return "answered"
         with self._lock:
             if self._queue:
                 fault: str | None = self._queue.popleft()
@@ -171,26 +206,24 @@ class FakeOpenAIServer:
                 fault = self._draw_storm()
         if self.latency_s:
             time.sleep(self.latency_s)
-        status = {"400": 400, "429": 429, "500": 500, "drop": 0}.get(fault or "", 200)
-        self._log(RequestRecord(t, key, fault, status, auth_ok, truth))
-        if fault == "429":
-            return h.reply(429, {"error": {"message": "rate limited"}}, {"Retry-After": self.retry_after})
-        if fault in ("400", "500"):
-            return h.reply(status, {"error": {"message": f"scripted {fault}"}})
-        if fault == "drop":
-            return h.drop()
-        if fault == "timeout":
-            time.sleep(self.timeout_sleep_s)
-        if fault == "malformed":
-            return h.reply_raw(200, b"<html>upstream hiccup</html>", "text/html")
-        if fault == "no_choices":
-            return h.reply(200, {"object": "chat.completion", "choices": []})
-        behaviour = fault if fault in ("garbage", "always_a") else self.mode
-        text = {"garbage": GARBAGE, "always_a": "A"}.get(behaviour, truth or "tie")
-        with self._lock:
-            self.prompt_tokens += n_words
-            self.completion_tokens += 1
-        h.reply(200, completion(key, body.get("model", self.model), text, n_words))
+        status = {"400": 400, "429": 429, "500": 500, "503": 503, "drop": 0}.get(fault or "", 200)
+        self._log(dataclasses.replace(rec, fault=fault, status=status))
+        if fault in ("429", "503"):
+            message = "rate limited" if fault == "429" else "overloaded"
+            h.reply(status, {"error": {"message": message}}, {"Retry-After": self.retry_after})
+        elif fault in ("400", "500"):
+            h.reply(status, {"error": {"message": f"scripted {fault}"}})
+        elif fault == "drop":
+            h.drop()
+        elif fault == "malformed":
+            h.reply_raw(200, b"<html>upstream hiccup</html>", "text/html")
+        elif fault == "no_choices":
+            h.reply(200, {"object": "chat.completion", "choices": []})
+        else:
+            if fault == "timeout":
+                time.sleep(self.timeout_sleep_s)
+            return fault
+        return "answered"
 
     def _draw_storm(self) -> str | None:
         x = self._rng.random()
@@ -277,10 +310,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:  # noqa: N802 (http.server naming)
         raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        if self.path.rstrip("/") != "/v1/chat/completions":
+        route = {"/v1/chat/completions": self.server.fake._handle,
+                 "/v1/completions": self.server.fake._handle_completions}.get(self.path.rstrip("/"))
+        if route is None:
             return self.reply(404, {"error": {"message": f"no route {self.path}"}})
         try:
-            self.server.fake._handle(self, raw)
+            route(self, raw)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True  # the client gave up (timeout): nothing to answer
 

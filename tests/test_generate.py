@@ -2,6 +2,7 @@
 backend, a real loopback HTTP server for the openai backend; vllm only where it can run."""
 
 import copy
+import email.utils
 import json
 import sys
 import threading
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fake_openai_server import FakeOpenAIServer
 from pydantic import ValidationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -365,6 +367,40 @@ def test_openai_timeout_and_short_reply_are_clear_errors(server):
     server.delay, server.short = 0.0, 1
     with pytest.raises(GenerationError, match="asked for n=2 completions, got 1"):
         build_generator(openai_cfg(server, model="m"), None, "v").generate(PROMPTS[:1], k=2, seed=0)
+
+
+# The fault-injecting fake OpenAI server (tests/fake_openai_server.py): the generator's retries
+# go through online.http, so they follow the same rules as the judge's.
+
+
+def test_openai_honours_an_http_date_retry_after_and_retries_a_503():
+    with FakeOpenAIServer() as fake:
+        fake.retry_after = email.utils.formatdate(time.time() + 3, usegmt=True)  # whole seconds: 2-3 s away
+        fake.script("503")
+        cfg = GenerationConfig(backend="openai", base_url=fake.base_url, model="m", retry_backoff_s=0.0, max_retries=2)
+        out = build_generator(cfg, None, "v").generate([("the cat", None)], k=2, seed=0)
+        assert out[0].responses == ("the cat #0", "the cat #1")
+        first, second = fake.requests
+        assert (first.status, second.status, first.key) == (503, 200, second.key)
+        # Server-side arrival times: the re-send waited for the date, not the zero backoff.
+        assert 1.5 <= second.t - first.t < 4.0
+
+
+def test_openai_gives_up_on_a_retry_after_over_the_cap_and_on_html_pages():
+    with FakeOpenAIServer(retry_after="3600") as fake:
+        cfg = GenerationConfig(backend="openai", base_url=fake.base_url, model="m", retry_backoff_s=0.0, max_retries=2)
+        gen = build_generator(cfg, None, "v")
+        fake.script("429")
+        started = time.monotonic()
+        with pytest.raises(GenerationError, match="HTTP 429: 'rate limited'; Retry-After over the 120 s cap"):
+            gen.generate(PROMPTS[:1], k=2, seed=0)
+        assert fake.n_requests == 1 and time.monotonic() - started < 1.0  # no hour-long sleep
+        fake.script("malformed", "malformed", "malformed")
+        with pytest.raises(GenerationError) as err:
+            gen.generate(PROMPTS[:1], k=2, seed=0)
+        assert str(err.value) == (
+            f"{fake.base_url}/completions: HTTP 200 reply is not JSON after 3 tries: an HTML page ('upstream hiccup')"
+        )
 
 
 def test_generation_config_checks():

@@ -118,7 +118,7 @@ def test_timeouts_are_retried_then_counted_as_errors(server):
 
 
 def test_non_retryable_failures_drop_only_their_pair(server):
-    server.retry_after = "3600"  # longer than MAX_RETRY_AFTER_S: give up rather than stall
+    server.retry_after = "3600"  # over the policy's Retry-After cap (120 s): give up rather than stall
     server.script("429")
     judgments, stats = make_judge(server, concurrency=1).judge_generations(gens(1))
     assert judgments == [] and stats.errors == 1 and stats.retries == 0 and stats.calls == 2

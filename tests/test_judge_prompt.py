@@ -1,18 +1,11 @@
-"""Pure parts of the judge: prompt, verdict parsing, order combination, pair selection, retry
-timing, cost/budget arithmetic, record types and config validation."""
-
-import email.utils
-import random
+"""Pure parts of the judge: prompt, verdict parsing, order combination, pair selection,
+cost/budget arithmetic, record types and config validation (retry timing: tests/test_http.py)."""
 
 import pytest
 from pydantic import ValidationError
 
 from online.cost import Budget, CostMeter, call_cost_usd
 from online.config import JudgeConfig, LLMJudgeConfig, RuleJudgeConfig
-from online.judge import (
-    backoff_s,
-    retry_after_s,
-)
 from online.judge_prompt import (
     TEMPLATE_VERSION,
     build_pairwise_messages,
@@ -74,25 +67,6 @@ def test_cache_key_depends_on_order_model_and_texts():
     assert len({k, verdict_cache_key("m", "p", "b", "a"), verdict_cache_key("m2", "p", "a", "b"),
                 verdict_cache_key("m", "p2", "a", "b"), verdict_cache_key("m", "pa", "", "b")}) == 5
     assert TEMPLATE_VERSION
-
-
-def test_retry_after_parsing():
-    assert retry_after_s(None) is None
-    assert retry_after_s("3") == 3.0
-    assert retry_after_s(" 0.25 ") == 0.25
-    assert retry_after_s("-4") == 0.0
-    assert retry_after_s("soon") is None
-    date = email.utils.formatdate(1_000_010, usegmt=True)
-    assert retry_after_s(date, now=1_000_000) == pytest.approx(10.0)
-
-
-def test_backoff_is_exponential_capped_and_jittered():
-    rng = random.Random(0)
-    for attempt in range(8):
-        expected = min(4.0, 0.5 * 2**attempt)
-        waits = [backoff_s(attempt, 0.5, 4.0, rng) for _ in range(50)]
-        assert all(expected / 2 <= w <= expected for w in waits)
-        assert len(set(waits)) > 1
 
 
 def test_cost_and_budget_meter():
