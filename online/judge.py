@@ -42,7 +42,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import random
 import ssl
 import time
