@@ -89,7 +89,7 @@ def redis_set_rate(url: str) -> float | None:
 
 def redis_cpu(buf: ReplayBuffer) -> float:
     """CPU seconds redis-server has used so far (the whole server)."""
-    info = buf.client.info("cpu")
+    info = buf.connection.client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 

@@ -10,6 +10,10 @@ raises `LockLost`: another cycle may have run concurrently, which must not pass 
 Every step is safe to retry after a dropped connection (redis-py retries): a retried
 acquire that finds our own token counts as acquired. `client` is a redis-py client, used
 through the small `LockClient` protocol, so this module does not import redis.
+
+`Locks(connection).hold(name)` is `cycle_lock` on the buffer namespace's key `<ns>:lock:<name>`,
+with `buffer.lock_ttl_s` as the default TTL and Redis errors raised as `ReplayBufferError`s;
+the replay buffer hands one out as `ReplayBuffer.locks`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from buffer.connection import BufferConnection
 
 # KEYS[1] = lock key; ARGV[1] = token (ARGV[2] = ttl in ms for extend)
 _RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
@@ -164,3 +171,29 @@ def cycle_lock(
                 f"lock {name!r} expired or was taken over before the block finished (ttl {ttl_s:g} s); "
                 f"another cycle may have run concurrently: raise buffer.lock_ttl_s or use heartbeat_s"
             )
+
+
+class Locks:
+    """The buffer namespace's named locks (`<ns>:lock:<name>`)."""
+
+    def __init__(self, connection: BufferConnection) -> None:
+        self.connection = connection
+
+    @contextmanager
+    def hold(
+        self,
+        name: str = "cycle",
+        *,
+        ttl_s: float | None = None,
+        blocking: bool = True,
+        timeout_s: float | None = None,
+        heartbeat_s: float | None = None,
+    ) -> Iterator[CycleLock]:
+        """`cycle_lock` on `<ns>:lock:<name>`, with the configured TTL unless `ttl_s` is given."""
+        conn = self.connection
+        with conn.errors():
+            with cycle_lock(
+                conn.client, conn.key(f"lock:{name}"), ttl_s or conn.cfg.lock_ttl_s,
+                blocking=blocking, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
+            ) as held:  # fmt: skip
+                yield held

@@ -1,8 +1,8 @@
 """The Redis replay buffer: anchor and fresh preference pairs, atomic cycle writes, seeded mixing.
 
-This is the only module in tether that imports `redis`; every Redis error leaves it as a
-`ReplayBufferError` (`BufferUnavailable` when Redis cannot be reached), so callers never need
-redis-py. Contract:
+Every Redis error leaves it as a `ReplayBufferError` (`BufferUnavailable` when Redis cannot be
+reached): the connection and that translation are `buffer/connection.py`'s, the namespace's
+pointers are `buffer/pointers.py`'s and its locks `buffer/lock.py`'s. Contract:
 
 - `add(records)` writes one cycle's fresh pairs in one Lua script: Redis runs it atomically and
   logs its effects to the AOF as one MULTI/EXEC, which a crash truncates as a whole on reload
@@ -33,7 +33,8 @@ Key layout (`ns` = `BufferConfig.namespace`; `cat` = `c:<category>`, or `none` w
     ns:refs                  SET    reference ids that have a ns:ref:* hash
     ns:version               STRING random token replaced by every change of membership; a
                                     sample planned on older contents is re-planned
-    ns:pointer:<name>        STRING JSON object (e.g. the current policy, for the promotion gate)
+    ns:pointer:<name>        STRING JSON object (e.g. the current policy, for the promotion
+                                    gate; buffer/pointers.py)
     ns:lock:<name>           STRING lock token with a TTL (buffer/lock.py)
 
 Scripts derive key names from the namespace, so the buffer needs a standalone (or single-shard)
@@ -43,28 +44,24 @@ Redis, not Redis Cluster.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from functools import wraps
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal, cast
 
-import redis
 from pydantic import TypeAdapter, ValidationError
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from buffer import scripts
 from buffer.config import BufferConfig
-from buffer.lock import CycleLock, cycle_lock
+from buffer.connection import BufferConnection, ReplayBufferError, open_connection, translating_errors
+from buffer.lock import Locks
 from buffer.mixing import POOLS, Group, NotEnoughPairs, Pool, plan_sample
+from buffer.pointers import Pointers
 from buffer.records import (
     AddResult,
     Batch,
@@ -76,28 +73,12 @@ from buffer.records import (
     describe_error,
     validate_records,
 )
-from buffer.server import LocalRedis
 from offline.pairs import PreferencePair
-from offline.secrets import redact_url
 
-log = logging.getLogger(__name__)
-
-START_HINT = (
-    "start one with `redis-server --port 6379 --appendonly yes`, leave buffer.url unset so "
-    "tether starts a local redis-server under its state dir, or run `docker-compose up redis`"
-)
 SEED_CHUNK = 5_000  # pairs per script call while seeding: bounds how long one call blocks Redis
 _PAIR_LIST = TypeAdapter(list[BufferedPair])
 _PAIR_SERIALIZER = PreferencePair.__pydantic_serializer__
 _NO_LOGPS = {"reference_logps"}  # stored beside the pair, one hash per reference
-
-
-class ReplayBufferError(RuntimeError):
-    """Any failure of the replay buffer's Redis side."""
-
-
-class BufferUnavailable(ReplayBufferError):
-    """Redis cannot be reached (or refused our credentials); the message says how to start one."""
 
 
 class AnchorMismatch(ReplayBufferError, ValueError):
@@ -117,30 +98,20 @@ def _category(key: str) -> str | None:
     return None if key == "none" else key[2:]
 
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _translating_errors(method: F) -> F:
-    """Turn redis-py exceptions into ReplayBufferError subclasses at the public boundary."""
-
-    @wraps(method)
-    def wrapper(self: ReplayBuffer, *args: Any, **kwargs: Any) -> Any:
-        with self._redis_errors():
-            return method(self, *args, **kwargs)
-
-    return cast(F, wrapper)
-
-
 class ReplayBuffer:
-    """Anchor and fresh preference pairs in Redis; build with `connect()` or `open_buffer()`."""
+    """Anchor and fresh preference pairs in Redis; build with `connect()` or `open_buffer()`.
 
-    def __init__(self, client: redis.Redis, cfg: BufferConfig, *, url: str, password: str | None = None) -> None:
-        self._client = client
-        self.cfg = cfg
-        self.url = redact_url(url)
-        self._password = password  # only to scrub it from error text, never shown
-        self._ns = cfg.namespace
+    The namespace's pointers and locks share its connection: `buf.pointers`, `buf.locks`.
+    """
+
+    def __init__(self, connection: BufferConnection) -> None:
+        self.connection = connection
+        self.cfg = connection.cfg
+        self.pointers = Pointers(connection)
+        self.locks = Locks(connection)
+        self._ns = connection.namespace
         self._groups_cache: tuple[list[Group], str] | None = None  # last (groups, version) seen
+        self._client = client = connection.client
         self._add = client.register_script(scripts.ADD_LUA)
         self._seed_begin = client.register_script(scripts.SEED_BEGIN_LUA)
         self._seed_done = client.register_script(scripts.SEED_DONE_LUA)
@@ -149,46 +120,14 @@ class ReplayBuffer:
 
     @classmethod
     def connect(cls, cfg: BufferConfig, *, url: str | None = None) -> ReplayBuffer:
-        """Connect to `cfg.url` (password from `$<cfg.password_env>`), or to `url` without one.
-
-        The explicit `url` is for a server tether started itself (`LocalRedis`). Raises
-        `BufferUnavailable` (saying how to start a Redis) when nothing answers PING.
-        """
-        target = url if url is not None else cfg.url
-        if target is None:
-            raise ValueError("no Redis URL: set buffer.url or use open_buffer() to start a local redis-server")
-        password = (os.environ.get(cfg.password_env) or None) if url is None else None
-        client = redis.Redis.from_url(
-            target,
-            password=password,
-            decode_responses=True,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), cfg.connect_retries),
-            retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-            socket_connect_timeout=5.0,
-            socket_timeout=60.0,  # replacing a large anchor is one long script
-            health_check_interval=30,
-        )
-        buf = cls(client, cfg, url=target, password=password)
-        try:
-            with buf._redis_errors():
-                client.ping()
-        except BufferUnavailable:
-            client.close()
-            raise
-        buf._warn_if_not_durable()
-        log.info("replay buffer %s at %s", cfg.namespace, buf.url)
-        return buf
+        """The buffer at `cfg.url`, or at `url` (see `BufferConnection.connect`)."""
+        return cls(BufferConnection.connect(cfg, url=url))
 
     def __repr__(self) -> str:
-        return f"ReplayBuffer(url={self.url!r}, namespace={self._ns!r})"
-
-    @property
-    def client(self) -> redis.Redis:
-        """The redis-py client (for buffer/lock.py and tests; other code goes through this class)."""
-        return self._client
+        return f"ReplayBuffer(url={self.connection.url!r}, namespace={self._ns!r})"
 
     def close(self) -> None:
-        self._client.close()
+        self.connection.close()
 
     def __enter__(self) -> ReplayBuffer:
         return self
@@ -198,7 +137,7 @@ class ReplayBuffer:
 
     # -- writes ----------------------------------------------------------------------------------
 
-    @_translating_errors
+    @translating_errors
     def add(self, records: Iterable[BufferedPair | Mapping[str, Any]]) -> AddResult:
         """Atomically add fresh pairs (one cycle's worth): all are written or none; then evict.
 
@@ -213,7 +152,7 @@ class ReplayBuffer:
         self._store_record_logps(recs)
         return result
 
-    @_translating_errors
+    @translating_errors
     def seed_anchor(
         self, pairs: Iterable[PreferencePair], fingerprint: str, *, replace: bool = False
     ) -> SeedResult:
@@ -239,7 +178,7 @@ class ReplayBuffer:
                 raise InvalidRecord(f"pair {i}: {describe_error(e)}") from None
         return self._seed(items, fingerprint, replace=replace, encoder=_AnchorEncoder(fingerprint, now))
 
-    @_translating_errors
+    @translating_errors
     def restore(self, records: Iterable[BufferedPair | Mapping[str, Any]]) -> tuple[SeedResult | None, AddResult]:
         """Write records exported by `buffer.export`, provenance intact; idempotent.
 
@@ -279,8 +218,9 @@ class ReplayBuffer:
         if complete == "1":  # this exact dataset was fully seeded before: nothing to send
             return SeedResult(fingerprint=fingerprint, added=0, existing=len(records), removed=int(removed))
         try:
-            result = self._write_chunked(records, guard=fingerprint, encoder=encoder)
-        except redis.ResponseError as e:
+            with self.connection.errors():
+                result = self._write_chunked(records, guard=fingerprint, encoder=encoder)
+        except ReplayBufferError as e:  # ADD_LUA's own refusal arrives as Redis' error reply
             if "TETHER_ANCHOR_CHANGED" in str(e):
                 raise AnchorMismatch(f"the anchor was re-seeded by someone else while seeding {fingerprint!r}") from e
             raise
@@ -330,7 +270,7 @@ class ReplayBuffer:
 
     # -- reference log-probs ---------------------------------------------------------------------
 
-    @_translating_errors
+    @translating_errors
     def set_reference_logps(
         self,
         reference_id: str,
@@ -359,7 +299,7 @@ class ReplayBuffer:
             raise UnknownPairs(f"{len(missing)} pair ids are not in the buffer (e.g. {missing[:3]}); nothing written")
         return int(written)
 
-    @_translating_errors
+    @translating_errors
     def get_reference_logps(self, pair_ids: Sequence[str], reference_id: str) -> dict[str, LogpPair]:
         """Cached log-probs computed with exactly `reference_id`; pairs without them are absent."""
         if not pair_ids:
@@ -369,7 +309,7 @@ class ReplayBuffer:
 
     # -- reads -----------------------------------------------------------------------------------
 
-    @_translating_errors
+    @translating_errors
     def groups(self) -> tuple[list[Group], str]:
         """The buffer's contents as mixing groups, and the version they were read at."""
         pipe = self._client.pipeline(transaction=True)
@@ -379,7 +319,7 @@ class ReplayBuffer:
         self._groups_cache = (_parse_groups(raw), version or "0")
         return self._groups_cache
 
-    @_translating_errors
+    @translating_errors
     def sample(
         self,
         n: int,
@@ -435,7 +375,7 @@ class ReplayBuffer:
             return Batch(pairs=pairs, stats=stats)
         raise ReplayBufferError("the buffer changed during every one of 8 sampling attempts; retry later")
 
-    @_translating_errors
+    @translating_errors
     def get(self, pair_ids: Sequence[str], reference_id: str | None = None) -> list[BufferedPair | None]:
         """The records with these ids (None where absent), optionally with one reference's log-probs."""
         if not pair_ids:
@@ -450,7 +390,7 @@ class ReplayBuffer:
             ]
         return out
 
-    @_translating_errors
+    @translating_errors
     def count(self, pool: Pool | None = None) -> int:
         """Pairs in `pool` (both pools when None)."""
         groups, _ = self.groups()
@@ -458,7 +398,7 @@ class ReplayBuffer:
 
     def iter_records(self, batch_size: int = 1_000) -> Iterator[BufferedPair]:
         """Every record with all its cached reference log-probs (for export); not a snapshot."""
-        with self._redis_errors():
+        with self.connection.errors():
             refs = sorted(cast("set[str]", self._client.smembers(f"{self._ns}:refs")))
             batch: list[tuple[str, str]] = []
             for item in self._client.hscan_iter(f"{self._ns}:pairs", count=batch_size):
@@ -483,7 +423,7 @@ class ReplayBuffer:
             out.append(rec.model_copy(update={"reference_logps": logps}) if logps else rec)
         return out
 
-    @_translating_errors
+    @translating_errors
     def stats(self) -> BufferStats:
         """Counts per pool, cycle and category, ages, cached references and Redis memory."""
         ns = self._ns
@@ -508,7 +448,7 @@ class ReplayBuffer:
             cat = g.category if g.category is not None else "(none)"
             per_category[g.pool][cat] = per_category[g.pool].get(cat, 0) + g.size
         return BufferStats(
-            url=self.url,
+            url=self.connection.url,
             namespace=ns,
             anchor_fingerprint=fingerprint,
             anchor=sum(g.size for g in groups if g.pool == "anchor"),
@@ -522,40 +462,7 @@ class ReplayBuffer:
             memory_bytes=memory,
         )
 
-    # -- small helpers for the rest of the pipeline ----------------------------------------------
-
-    @_translating_errors
-    def set_pointer(self, name: str, value: dict[str, Any]) -> None:
-        """Atomically replace the JSON object stored under `name` (e.g. the current policy)."""
-        if not isinstance(value, dict):
-            raise TypeError(f"a pointer holds a JSON object (dict), got {type(value).__name__}")
-        self._client.set(f"{self._ns}:pointer:{name}", json.dumps(value, allow_nan=False, sort_keys=True))
-
-    @_translating_errors
-    def get_pointer(self, name: str) -> dict[str, Any] | None:
-        """The JSON object stored under `name`, or None if never set."""
-        raw = self._client.get(f"{self._ns}:pointer:{name}")
-        return None if raw is None else cast("dict[str, Any]", json.loads(raw))
-
-    @contextmanager
-    def lock(
-        self,
-        name: str = "cycle",
-        *,
-        ttl_s: float | None = None,
-        blocking: bool = True,
-        timeout_s: float | None = None,
-        heartbeat_s: float | None = None,
-    ) -> Iterator[CycleLock]:
-        """`cycle_lock` on `<ns>:lock:<name>` with the configured TTL (see buffer/lock.py)."""
-        with self._redis_errors():
-            with cycle_lock(
-                self._client, f"{self._ns}:lock:{name}", ttl_s or self.cfg.lock_ttl_s,
-                blocking=blocking, timeout_s=timeout_s, heartbeat_s=heartbeat_s,
-            ) as held:  # fmt: skip
-                yield held
-
-    @_translating_errors
+    @translating_errors
     def clear(self) -> int:
         """Delete every key of this namespace (pairs, caches, pointers, locks); returns how many."""
         self._groups_cache = None
@@ -569,40 +476,6 @@ class ReplayBuffer:
         if keys:
             deleted += self._client.unlink(*keys)
         return deleted
-
-    # -- internals -------------------------------------------------------------------------------
-
-    @contextmanager
-    def _redis_errors(self) -> Iterator[None]:
-        try:
-            yield
-        except redis.AuthenticationError as e:
-            raise BufferUnavailable(
-                f"Redis at {self.url} refused the credentials ({self._scrub(e)}); set "
-                f"${self.cfg.password_env} to its password, or unset it if the server has none"
-            ) from None
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            raise BufferUnavailable(
-                f"Redis for the replay buffer at {self.url} is unreachable "
-                f"({type(e).__name__}: {self._scrub(e)}); {START_HINT}"
-            ) from None
-        except redis.ResponseError as e:
-            raise ReplayBufferError(f"Redis at {self.url} answered an error: {self._scrub(e)}") from e
-
-    def _scrub(self, e: BaseException) -> str:
-        text = str(e)
-        return text.replace(self._password, "***") if self._password else text
-
-    def _warn_if_not_durable(self) -> None:
-        try:
-            mode = self._client.config_get("appendonly").get("appendonly")
-        except redis.RedisError:  # CONFIG is often disabled on managed Redis: nothing to check
-            return
-        if mode == "no":
-            log.warning(
-                "Redis at %s has appendonly off: a crash loses buffered pairs; "
-                "run it with --appendonly yes", self.url
-            )
 
 
 class _Encoder:
@@ -680,22 +553,7 @@ def _logps(raw: str) -> LogpPair:
 
 @contextmanager
 def open_buffer(cfg: BufferConfig, state_dir: Path) -> Iterator[ReplayBuffer]:
-    """The replay buffer: at `cfg.url` if set, else in a local redis-server under `<state_dir>/redis/`.
-
-    The local server (127.0.0.1, free port, AOF with `cfg.appendfsync`) is stopped on exit; its
-    data stays, so the next run finds the same buffer.
-    """
-    if cfg.url is not None:
-        buf = ReplayBuffer.connect(cfg)
-        try:
-            yield buf
-        finally:
-            buf.close()
-        return
-    with LocalRedis(Path(state_dir) / "redis", appendfsync=cfg.appendfsync) as local:
-        buf = ReplayBuffer.connect(cfg, url=local.url)
-        try:
-            yield buf
-        finally:
-            buf.close()
-
+    """The replay buffer at `cfg.url` if set, else in a local redis-server under `<state_dir>/redis/`
+    that is stopped on exit, its data kept for the next run (see `buffer.connection.open_connection`)."""
+    with open_connection(cfg, state_dir) as connection:
+        yield ReplayBuffer(connection)

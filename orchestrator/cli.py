@@ -283,8 +283,8 @@ def report(
 def _user_errors() -> Iterator[None]:
     """Errors that name what to fix (bad data, prompts, config, an unreachable service) end the
     command with one `error:` line and exit code 2; the flow run's log keeps the traceback."""
+    from buffer.connection import ReplayBufferError
     from buffer.server import RedisServerError, RedisServerMissing
-    from buffer.store import ReplayBufferError
     from offline.data import DataError
     from offline.registry import NoCurrentPolicy
     from online.generate import GenerationError
@@ -303,9 +303,9 @@ def _user_errors() -> Iterator[None]:
 @contextmanager
 def _buffer_errors() -> Iterator[None]:
     """Buffer failures (Redis unreachable, no redis-server, bad snapshot) as one-line errors."""
+    from buffer.connection import ReplayBufferError
     from buffer.records import InvalidRecord
     from buffer.server import RedisServerError, RedisServerMissing
-    from buffer.store import ReplayBufferError
 
     try:
         yield

@@ -61,7 +61,7 @@ def fresh_records(n: int, cycle: int, tag: str):
 def buffer_inconsistency(buf) -> str | None:
     """None when every index and group count agrees with the pair hash (no half-applied write
     anywhere); otherwise the three counts, so a failure says which part disagreed."""
-    ns, client = buf.cfg.namespace, buf.client
+    ns, client = buf.cfg.namespace, buf.connection.client
     pairs = client.hlen(f"{ns}:pairs")
     groups, _ = buf.groups()
     grouped = sum(g.size for g in groups)
@@ -184,7 +184,8 @@ def redis_kill_mid_add(work: Path, runs: int = 6, batch: int = 4000, appendfsync
     """SIGKILL redis-server at a random moment during big `add`s; restart on the AOF; check."""
     from buffer.config import BufferConfig
     from buffer.server import LocalRedis
-    from buffer.store import BufferUnavailable, ReplayBuffer
+    from buffer.connection import BufferUnavailable
+    from buffer.store import ReplayBuffer
 
     row = FaultRow(f"redis SIGKILL mid buffer.add ({batch} pairs/add, appendfsync {appendfsync})", runs=runs)
     # (two adds before the kills are acknowledged and must survive every later restart too)
@@ -252,7 +253,8 @@ def redis_kill_mid_add(work: Path, runs: int = 6, batch: int = 4000, appendfsync
 def redis_kill_in_cycle(work: Path, when: str) -> FaultRow:
     """SIGKILL redis-server in a real cycle just before (`before-add`) or after (`after-add`) its write."""
     from buffer.server import LocalRedis
-    from buffer.store import ReplayBuffer, ReplayBufferError
+    from buffer.connection import ReplayBufferError
+    from buffer.store import ReplayBuffer
     from offline.registry import PolicyRegistry
 
     assert when in ("before-add", "after-add")

@@ -26,7 +26,8 @@ from typer.testing import CliRunner
 from buffer.config import BufferConfig
 from buffer.records import BufferedPair, InvalidRecord
 from buffer.server import LocalRedis, resp_command
-from buffer.store import BufferUnavailable, ReplayBuffer
+from buffer.connection import BufferUnavailable
+from buffer.store import ReplayBuffer
 from offline.data import DataError, load_preference_dataset
 from offline.config import DataConfig
 from offline.pairs import PreferencePair

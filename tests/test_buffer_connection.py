@@ -9,7 +9,8 @@ from pydantic import ValidationError
 
 from buffer.config import BufferConfig, PasswordInUrl
 from buffer.server import LocalRedis, free_port
-from buffer.store import BufferUnavailable, ReplayBuffer
+from buffer.connection import BufferUnavailable
+from buffer.store import ReplayBuffer
 from offline.secrets import redact_url
 from offline.section import Section
 
@@ -70,8 +71,8 @@ def test_password_comes_from_the_environment_and_never_shows(tmp_path: Path, mon
 
         monkeypatch.setenv("TETHER_REDIS_PASSWORD", SECRET)
         with ReplayBuffer.connect(cfg) as buf:
-            buf.set_pointer("p", {"ok": True})
-            shown = [repr(buf), str(buf), buf.url, repr(cfg), str(cfg), cfg.model_dump_json()]
+            buf.pointers.set("p", {"ok": True})
+            shown = [repr(buf), str(buf), buf.connection.url, repr(cfg), str(cfg), cfg.model_dump_json()]
             shown.append(buf.stats().model_dump_json())
             assert all(SECRET not in s for s in shown)
 
@@ -79,5 +80,5 @@ def test_password_comes_from_the_environment_and_never_shows(tmp_path: Path, mon
         monkeypatch.delenv("TETHER_REDIS_PASSWORD")
         monkeypatch.setenv("MY_REDIS_PW", SECRET)
         with ReplayBuffer.connect(cfg.model_copy(update={"password_env": "MY_REDIS_PW"})) as buf:
-            assert buf.get_pointer("p") == {"ok": True}
+            assert buf.pointers.get("p") == {"ok": True}
     assert SECRET not in (tmp_path / "redis.log").read_text()

@@ -16,7 +16,8 @@ from pathlib import Path
 from buffer.config import BufferConfig
 from buffer.records import BufferedPair
 from buffer.server import LocalRedis, resp_command
-from buffer.store import BufferUnavailable, ReplayBuffer
+from buffer.connection import BufferUnavailable
+from buffer.store import ReplayBuffer
 from offline.pairs import PreferencePair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,11 +34,11 @@ def assert_consistent(buf: ReplayBuffer) -> None:
     """Every index agrees with the pair hash: no half-written cycle anywhere."""
     groups, _ = buf.groups()
     ns = buf.cfg.namespace
-    pairs = buf.client.hlen(f"{ns}:pairs")
+    pairs = buf.connection.client.hlen(f"{ns}:pairs")
     assert sum(g.size for g in groups) == pairs
-    indexed = sum(buf.client.zcard(k) for k in buf.client.scan_iter(match=f"{ns}:idx:*"))
+    indexed = sum(buf.connection.client.zcard(k) for k in buf.connection.client.scan_iter(match=f"{ns}:idx:*"))
     assert indexed == pairs
-    assert buf.client.zcard(f"{ns}:fresh:order") == sum(g.size for g in groups if g.pool == "fresh")
+    assert buf.connection.client.zcard(f"{ns}:fresh:order") == sum(g.size for g in groups if g.pool == "fresh")
 
 
 def test_acknowledged_pairs_survive_sigkill_with_appendfsync_always(tmp_path: Path) -> None:
@@ -48,7 +49,7 @@ def test_acknowledged_pairs_survive_sigkill_with_appendfsync_always(tmp_path: Pa
         recs = cycle(300, 0) + cycle(300, 1)
         buf.add(recs[:300])
         buf.add(recs[300:])
-        buf.set_pointer("current_policy", {"checkpoint": "ckpt-1"})
+        buf.pointers.set("current_policy", {"checkpoint": "ckpt-1"})
         before = buf.sample(64, 0.5, seed=1)
         buf.close()
         server.kill()  # SIGKILL: no shutdown, no final fsync
@@ -56,7 +57,7 @@ def test_acknowledged_pairs_survive_sigkill_with_appendfsync_always(tmp_path: Pa
         buf = ReplayBuffer.connect(cfg, url=server.url)
         assert (buf.count("anchor"), buf.count("fresh")) == (200, 600)
         assert buf.get([r.id for r in recs]) == recs
-        assert buf.get_pointer("current_policy") == {"checkpoint": "ckpt-1"}
+        assert buf.pointers.get("current_policy") == {"checkpoint": "ckpt-1"}
         assert buf.sample(64, 0.5, seed=1) == before
         assert_consistent(buf)
         buf.close()
@@ -110,7 +111,7 @@ def test_a_torn_write_stays_dropped_after_the_next_write_and_restart(tmp_path: P
     with LocalRedis(tmp_path, appendfsync="always") as server:
         buf = ReplayBuffer.connect(cfg, url=server.url)
         assert buf.stats().per_cycle == {0: 100, 2: 50}
-        assert buf.client.hlen(f"{cfg.namespace}:pairs") == 150  # no torn half of cycle 1
+        assert buf.connection.client.hlen(f"{cfg.namespace}:pairs") == 150  # no torn half of cycle 1
         assert_consistent(buf)
         buf.close()
     assert "MULTI calls can not be nested" not in (tmp_path / "redis.log").read_text()
@@ -164,8 +165,8 @@ recs = [BufferedPair.fresh(PreferencePair(prompt=f"big {i}", chosen="y", rejecte
 buf = ReplayBuffer.connect(BufferConfig(url=sys.argv[1]))
 args = ["EVAL", ADD_LUA, 0, *buf._args(recs, guard="")]
 blob = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (str(x).encode() for x in args))
-sock = socket.create_connection((buf.client.connection_pool.connection_kwargs["host"],
-                                 buf.client.connection_pool.connection_kwargs["port"]))
+sock = socket.create_connection((buf.connection.client.connection_pool.connection_kwargs["host"],
+                                 buf.connection.client.connection_pool.connection_kwargs["port"]))
 sock.sendall(blob if sys.argv[2] == "all" else blob[: len(blob) // 2])
 print("sent", flush=True)
 print(sock.recv(100) if sys.argv[2] == "all" else "", flush=True)

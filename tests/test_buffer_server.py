@@ -29,8 +29,8 @@ def test_open_buffer_without_url_runs_a_local_server_that_keeps_its_data(tmp_pat
     pair = PreferencePair(prompt="p", chosen="c", rejected="r")
     with open_buffer(cfg, tmp_path) as buf:
         buf.seed_anchor([pair], "fp")
-        url = buf.url
-        pid = int(buf.client.info("server")["process_id"])
+        url = buf.connection.url
+        pid = int(buf.connection.client.info("server")["process_id"])
     assert url.startswith("redis://127.0.0.1:")
     assert (tmp_path / "redis" / "appendonlydir").is_dir()
     with pytest.raises(ProcessLookupError):

@@ -166,11 +166,11 @@ def test_bad_records_are_rejected_before_anything_is_written(buf: ReplayBuffer, 
 
 
 def test_pointer_round_trip(buf: ReplayBuffer) -> None:
-    assert buf.get_pointer("current_policy") is None
-    buf.set_pointer("current_policy", {"checkpoint": "ckpt-3", "cycle": 3})
-    assert buf.get_pointer("current_policy") == {"checkpoint": "ckpt-3", "cycle": 3}
+    assert buf.pointers.get("current_policy") is None
+    buf.pointers.set("current_policy", {"checkpoint": "ckpt-3", "cycle": 3})
+    assert buf.pointers.get("current_policy") == {"checkpoint": "ckpt-3", "cycle": 3}
     with pytest.raises(TypeError):
-        buf.set_pointer("current_policy", ["not", "a", "dict"])  # type: ignore[arg-type]
+        buf.pointers.set("current_policy", ["not", "a", "dict"])  # type: ignore[arg-type]
 
 
 def test_stats_and_table(buf: ReplayBuffer) -> None:

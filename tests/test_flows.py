@@ -142,7 +142,7 @@ def test_a_second_cycle_skips_while_one_holds_the_lock(offline_run, state_dir, r
     from buffer.store import ReplayBuffer
 
     buf = ReplayBuffer.connect(BufferConfig(url=redis_url))
-    with buf.lock("cycle:demo", ttl_s=60, blocking=False):
+    with buf.locks.hold("cycle:demo", ttl_s=60, blocking=False):
         rep = flows.refresh_cycle(CONFIG, overrides(state_dir, redis_url), run_label="busy", progress=False)
     buf.close()
     assert rep["skipped"] is True
@@ -166,7 +166,7 @@ def test_a_flow_run_makes_no_storage_lookup_or_csrf_round_trip(offline_run, stat
 
     monkeypatch.setattr(httpx.Client, "send", recording_send)
     buf = ReplayBuffer.connect(BufferConfig(url=redis_url))
-    with buf.lock("cycle:demo", ttl_s=60, blocking=False):  # the cycle skips: only the flow run's own calls
+    with buf.locks.hold("cycle:demo", ttl_s=60, blocking=False):  # the cycle skips: only the flow run's own calls
         rep = flows.refresh_cycle(CONFIG, overrides(state_dir, redis_url), run_label="calls", progress=False)
     buf.close()
     assert rep["skipped"] is True
