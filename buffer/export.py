@@ -1,15 +1,16 @@
 """Snapshot the replay buffer to JSONL or Parquet, and restore it from one.
 
-Contract. `export_buffer(buf, path)` writes every pair with its provenance and all cached
-reference log-probs; the format follows the suffix (`.jsonl` or `.parquet`). The file appears
-atomically (`offline.atomic`: written beside it, fsynced, renamed), so a crash never leaves half
-a snapshot under the final name. `import_buffer(buf, path)` validates every record before
-writing any and then restores them through `ReplayBuffer.restore`, so importing the same
-snapshot twice adds nothing.
+Contract. `export_buffer(buf, path)` writes every pair with its provenance; the format follows
+the suffix (`.jsonl` or `.parquet`). The file appears atomically (`offline.atomic`: written
+beside it, fsynced, renamed), so a crash never leaves half a snapshot under the final name.
+`import_buffer(buf, path)` validates every record before writing any and then restores them
+through `ReplayBuffer.restore`, so importing the same snapshot twice adds nothing.
 
 JSONL lines are `BufferedPair` JSON. Parquet has one flat column per field (`id`, `pool`,
 `source`, `cycle`, `policy_version`, `judge`, `confidence`, `created_at`, `prompt`, `chosen`,
-`rejected`, `category`, `source_id`) plus `reference_logps` as a JSON string.
+`rejected`, `category`, `source_id`). Snapshots written while the buffer also cached reference
+log-probs carry a `reference_logps` field (JSONL) or column (Parquet): reading drops it, since
+those numbers now live only in `offline/reference.py`'s on-disk cache.
 """
 
 from __future__ import annotations
@@ -40,14 +41,12 @@ def _row(rec: BufferedPair) -> dict[str, Any]:
     row: dict[str, Any] = {"id": rec.id}
     row.update({k: getattr(rec.pair, k) for k in _PAIR_FIELDS})
     row.update({k: getattr(rec, k) for k in _RECORD_FIELDS})
-    row["reference_logps"] = json.dumps(rec.reference_logps, sort_keys=True)
     return row
 
 
 def _from_row(row: dict[str, Any]) -> dict[str, Any]:
     rec = {k: row[k] for k in _RECORD_FIELDS}
     rec["pair"] = {k: row[k] for k in _PAIR_FIELDS}
-    rec["reference_logps"] = {ref: tuple(v) for ref, v in json.loads(row["reference_logps"]).items()}
     return rec
 
 
@@ -70,7 +69,7 @@ def export_buffer(buf: ReplayBuffer, path: Path | str) -> int:
             + [
                 ("pool", pa.string()), ("source", pa.string()), ("cycle", pa.int64()),
                 ("policy_version", pa.string()), ("judge", pa.string()), ("confidence", pa.float64()),
-                ("created_at", pa.timestamp("us", tz="UTC")), ("reference_logps", pa.string()),
+                ("created_at", pa.timestamp("us", tz="UTC")),
             ]
         )  # fmt: skip
 
@@ -88,9 +87,13 @@ def read_snapshot(path: Path | str) -> Iterator[BufferedPair]:
                 if not line.strip():
                     continue
                 try:
-                    yield BufferedPair.model_validate_json(line)
-                except ValidationError as e:
+                    data = json.loads(line)
+                    if isinstance(data, dict):
+                        data.pop("reference_logps", None)  # an older snapshot's (see the docstring)
+                    rec = BufferedPair.model_validate(data)
+                except ValueError as e:  # a ValidationError, or JSON that does not parse
                     raise InvalidRecord(f"{path}:{line_no}: {_errors(e)}") from None
+                yield rec
     else:
         import pyarrow.parquet as pq
 

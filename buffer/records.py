@@ -6,16 +6,11 @@ pair is stored once whichever cycle or dataset brings it. Records are validated 
 any write: a missing field or a wrong type (a cycle given as "3", a confidence of "high") is an
 `InvalidRecord` naming the record and field, and nothing is written.
 
-Reference log-probs are a cache keyed by the reference checkpoint's id: on a record they appear
-as `reference_logps[reference_id] = (chosen, rejected)`; in Redis they live beside the pair, one
-hash per reference, so a new reference never silently reuses another's numbers.
-
 `BufferStats` and `format_stats_table` are what `tether buffer stats` prints.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
@@ -25,11 +20,6 @@ from rich.table import Table
 
 from buffer.mixing import MixStats, Pool
 from offline.pairs import PreferencePair
-
-LogpPair = tuple[float, float]  # (reference_chosen_logps, reference_rejected_logps), summed over tokens
-
-
-
 
 class InvalidRecord(ValueError):
     """A record failed validation; nothing was written."""
@@ -60,8 +50,6 @@ class BufferedPair(BaseModel):
     """The judge's confidence in the verdict, in [0, 1]; None when it gave none."""
     created_at: AwareDatetime = Field(default_factory=_now)
     """When the pair entered the buffer (timezone-aware, UTC by default)."""
-    reference_logps: dict[str, LogpPair] = Field(default_factory=dict)
-    """Cached (chosen, rejected) reference log-probs keyed by reference checkpoint id."""
 
     @model_validator(mode="after")
     def _check(self) -> BufferedPair:
@@ -71,9 +59,6 @@ class BufferedPair(BaseModel):
             raise ValueError("a fresh pair needs its cycle index (cycle=...)")
         if self.pool == "anchor" and self.cycle is not None:
             raise ValueError("an anchor pair has no cycle (cycle=None)")
-        for ref, (c, r) in self.reference_logps.items():
-            if not ref or not (math.isfinite(c) and math.isfinite(r)):
-                raise ValueError(f"reference_logps[{ref!r}] must be two finite floats under a non-empty id")
         return self
 
     @property
@@ -169,8 +154,6 @@ class BufferStats(BaseModel):
     """Pairs per pool and category ('(none)' for uncategorised)."""
     oldest_age_s: float | None
     newest_age_s: float | None
-    references: dict[str, int]
-    """Cached reference log-probs: pairs covered per reference id."""
     memory_bytes: int
     """Redis `used_memory` (the whole server, not only this namespace)."""
 
@@ -199,7 +182,5 @@ def format_stats_table(stats: BufferStats) -> Table:
             table.add_row(f"{pool} / {cat}", f"{count:,}")
     table.add_row("oldest pair", _age(stats.oldest_age_s))
     table.add_row("newest pair", _age(stats.newest_age_s))
-    for ref, count in sorted(stats.references.items()):
-        table.add_row(f"ref logps {ref}", f"{count:,}")
     table.add_row("redis memory", f"{stats.memory_bytes / 2**20:.1f} MiB")
     return table

@@ -105,7 +105,6 @@ for g, c in pairs(counts) do
 end
 local over = redis.call('ZCARD', ns .. ':fresh:order') - capacity
 if over > 0 then
-  local refs = redis.call('SMEMBERS', ns .. ':refs')
   local popped = redis.call('ZPOPMIN', ns .. ':fresh:order', over)
   for j = 1, #popped, 2 do
     local id = popped[j]
@@ -118,7 +117,6 @@ if over > 0 then
       redis.call('HDEL', G, f)
       redis.call('HDEL', T, f)
     end
-    for _, ref in ipairs(refs) do redis.call('HDEL', ns .. ':ref:' .. ref, id) end
     evicted = evicted + 1
   end
 end
@@ -143,12 +141,10 @@ end
 local removed = 0
 if cur and cur ~= fp then
   if replace ~= '1' then return {'mismatch', cur, anchor_count} end
-  local refs = redis.call('SMEMBERS', ns .. ':refs')
   for _, f in ipairs(anchor_fields) do
     local key = ns .. ':idx:anchor:' .. string.sub(f, 9)
     for _, id in ipairs(redis.call('ZRANGE', key, 0, -1)) do
       redis.call('HDEL', P, id)
-      for _, ref in ipairs(refs) do redis.call('HDEL', ns .. ':ref:' .. ref, id) end
       removed = removed + 1
     end
     redis.call('DEL', key)
@@ -172,20 +168,20 @@ end
 return 1
 """
 
-# ARGV: ns, expected version, reference id ('' = none), picks "<k>,<rank>;<k>,<rank>;...", then
-#       the index suffixes '<pool>:<catkey>' that k (1-based) refers to (few, flat arguments:
-#       packing costs per argument). The JSON blobs come back as HMGET returns them: joining
-#       them in Lua would double the script's CPU, and Redis's one thread serves every trainer.
-# Returns {1, pair JSONs[, reference log-prob JSONs or nil]}; or {0, version, groups} when the
-# buffer changed since the caller's plan, so it can re-plan without another round trip.
+# ARGV: ns, expected version, picks "<k>,<rank>;<k>,<rank>;...", then the index suffixes
+#       '<pool>:<catkey>' that k (1-based) refers to (few, flat arguments: packing costs per
+#       argument). The JSON blobs come back as HMGET returns them: joining them in Lua would
+#       double the script's CPU, and Redis's one thread serves every trainer.
+# Returns {1, pair JSONs}; or {0, version, groups} when the buffer changed since the caller's
+# plan, so it can re-plan without another round trip.
 FETCH_LUA = """
-local ns, ref = ARGV[1], ARGV[3]
+local ns = ARGV[1]
 local version = redis.call('GET', ns .. ':version') or '0'
 if version ~= ARGV[2] then return {0, version, redis.call('HGETALL', ns .. ':groups')} end
 local keys = {}
-for i = 5, #ARGV do keys[i - 4] = ns .. ':idx:' .. ARGV[i] end
+for i = 4, #ARGV do keys[i - 3] = ns .. ':idx:' .. ARGV[i] end
 local ids = {}
-for k, rank in string.gmatch(ARGV[4], '(%d+),(%d+)') do
+for k, rank in string.gmatch(ARGV[3], '(%d+),(%d+)') do
   local r = redis.call('ZRANGE', keys[tonumber(k)], rank, rank)
   if #r == 0 then return {0, version, redis.call('HGETALL', ns .. ':groups')} end
   ids[#ids + 1] = r[1]
@@ -199,35 +195,5 @@ local function hmget(key)
   end
   return out
 end
-local result = {1, hmget(ns .. ':pairs')}
-if ref ~= '' then result[3] = hmget(ns .. ':ref:' .. ref) end
-return result
-"""
-
-# ARGV: ns, reference id, drop other references ('1'/'0'), ignore missing ('1'/'0'), then id, value
-SET_REFS_LUA = """
-local ns, ref = ARGV[1], ARGV[2]
-local P, H = ns .. ':pairs', ns .. ':ref:' .. ARGV[2]
-local missing = {}
-for i = 5, #ARGV, 2 do
-  if redis.call('HEXISTS', P, ARGV[i]) == 0 then missing[#missing + 1] = ARGV[i] end
-end
-if #missing > 0 and ARGV[4] ~= '1' then return {0, missing} end
-if ARGV[3] == '1' then
-  for _, other in ipairs(redis.call('SMEMBERS', ns .. ':refs')) do
-    if other ~= ref then
-      redis.call('DEL', ns .. ':ref:' .. other)
-      redis.call('SREM', ns .. ':refs', other)
-    end
-  end
-end
-local written = 0
-for i = 5, #ARGV, 2 do
-  if redis.call('HEXISTS', P, ARGV[i]) == 1 then
-    redis.call('HSET', H, ARGV[i], ARGV[i + 1])
-    written = written + 1
-  end
-end
-if written > 0 then redis.call('SADD', ns .. ':refs', ref) end
-return {written, missing}
+return {1, hmget(ns .. ':pairs')}
 """

@@ -15,12 +15,14 @@ pointers are `buffer/pointers.py`'s and its locks `buffer/lock.py`'s. Contract:
   unless `replace=True`. The anchor is never evicted.
 - `sample(n, anchor_fraction, seed)` draws the mix planned by `buffer.mixing.plan_sample` and
   is reproducible for the same seed and contents.
-- Reference log-probs are cached per reference id; `get_reference_logps` returns only those
-  computed for the reference asked about.
+
+Redis holds pairs and small state only, not reference log-probs: those have one home, the
+on-disk cache of `offline/reference.py`, kept beside the reference checkpoint they depend on and
+read by the offline phase and every cycle; a second copy here could only go stale or disagree.
 
 Key layout (`ns` = `BufferConfig.namespace`; `cat` = `c:<category>`, or `none` without one):
 
-    ns:pairs                 HASH   id -> pair JSON (BufferedPair minus reference_logps)
+    ns:pairs                 HASH   id -> BufferedPair JSON
     ns:idx:<pool>:<cat>      ZSET   ids of one pool and category, score = cycle (anchor 0):
                                     rank order (cycle, id) is what mixing.Pick.rank indexes
     ns:groups                HASH   "<pool>|<cycle>|<cat>" -> pair count (anchor: empty cycle)
@@ -29,8 +31,6 @@ Key layout (`ns` = `BufferConfig.namespace`; `cat` = `c:<category>`, or `none` w
                                     for stats' oldest/newest age (a partly evicted cycle keeps
                                     its old minimum until it is gone)
     ns:anchor                HASH   fingerprint, seeded_at, complete ("1" once a seed finished)
-    ns:ref:<reference_id>    HASH   id -> "[reference_chosen_logps, reference_rejected_logps]"
-    ns:refs                  SET    reference ids that have a ns:ref:* hash
     ns:version               STRING random token replaced by every change of membership; a
                                     sample planned on older contents is re-planned
     ns:pointer:<name>        STRING JSON object (e.g. the current policy, for the promotion
@@ -43,8 +43,6 @@ Redis, not Redis Cluster.
 
 from __future__ import annotations
 
-import json
-import math
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -68,7 +66,6 @@ from buffer.records import (
     BufferedPair,
     BufferStats,
     InvalidRecord,
-    LogpPair,
     SeedResult,
     describe_error,
     validate_records,
@@ -78,15 +75,10 @@ from offline.pairs import PreferencePair
 SEED_CHUNK = 5_000  # pairs per script call while seeding: bounds how long one call blocks Redis
 _PAIR_LIST = TypeAdapter(list[BufferedPair])
 _PAIR_SERIALIZER = PreferencePair.__pydantic_serializer__
-_NO_LOGPS = {"reference_logps"}  # stored beside the pair, one hash per reference
 
 
 class AnchorMismatch(ReplayBufferError, ValueError):
     """The buffer's anchor was seeded from another dataset (pass replace=True to swap it)."""
-
-
-class UnknownPairs(ReplayBufferError, ValueError):
-    """Reference log-probs were given for pairs the buffer does not hold."""
 
 
 def catkey(category: str | None) -> str:
@@ -116,7 +108,6 @@ class ReplayBuffer:
         self._seed_begin = client.register_script(scripts.SEED_BEGIN_LUA)
         self._seed_done = client.register_script(scripts.SEED_DONE_LUA)
         self._fetch = client.register_script(scripts.FETCH_LUA)
-        self._set_refs = client.register_script(scripts.SET_REFS_LUA)
 
     @classmethod
     def connect(cls, cfg: BufferConfig, *, url: str | None = None) -> ReplayBuffer:
@@ -142,15 +133,13 @@ class ReplayBuffer:
         """Atomically add fresh pairs (one cycle's worth): all are written or none; then evict.
 
         Every record is validated first (`InvalidRecord`, nothing written). Pairs already in the
-        buffer count as duplicates. Cached reference log-probs on the records are stored after.
+        buffer count as duplicates.
         """
         recs = validate_records(records)
         anchors = [i for i, r in enumerate(recs) if r.pool == "anchor"]
         if anchors:
             raise InvalidRecord(f"record {anchors[0]}: anchor pairs enter through seed_anchor(), not add()")
-        result = self._write(recs, guard="")
-        self._store_record_logps(recs)
-        return result
+        return self._write(recs, guard="")
 
     @translating_errors
     def seed_anchor(
@@ -196,7 +185,6 @@ class ReplayBuffer:
         # Oldest cycles first, so capacity eviction keeps the newest as live writes would.
         fresh.sort(key=lambda r: (cast(int, r.cycle), r.created_at))
         added = self._write_chunked(fresh, guard="")
-        self._store_record_logps(recs)
         return seeded, added
 
     def _seed(
@@ -225,7 +213,6 @@ class ReplayBuffer:
                 raise AnchorMismatch(f"the anchor was re-seeded by someone else while seeding {fingerprint!r}") from e
             raise
         self._seed_done(args=[self._ns, fingerprint])
-        self._store_record_logps([r for r in records if isinstance(r, BufferedPair)])
         return SeedResult(fingerprint=fingerprint, added=result.added, existing=result.duplicates, removed=int(removed))
 
     def _write_chunked(
@@ -260,53 +247,6 @@ class ReplayBuffer:
         """ADD script arguments (see scripts.ADD_LUA): a few, then one per record."""
         return self._header(guard) + _Encoder().encode(records)
 
-    def _store_record_logps(self, records: Sequence[BufferedPair]) -> None:
-        by_ref: dict[str, dict[str, LogpPair]] = {}
-        for r in records:
-            for ref, pair_logps in r.reference_logps.items():
-                by_ref.setdefault(ref, {})[r.id] = pair_logps
-        for ref, logps in by_ref.items():
-            self.set_reference_logps(ref, logps, drop_other_references=False, ignore_missing=True)
-
-    # -- reference log-probs ---------------------------------------------------------------------
-
-    @translating_errors
-    def set_reference_logps(
-        self,
-        reference_id: str,
-        logps: Mapping[str, LogpPair],
-        *,
-        drop_other_references: bool = True,
-        ignore_missing: bool = False,
-    ) -> int:
-        """Cache (chosen, rejected) reference log-probs computed with `reference_id`; returns how many.
-
-        By default a new reference id drops every other reference's cache (the reference
-        changed: old numbers are stale). Ids not in the buffer raise `UnknownPairs` and nothing
-        is written, unless `ignore_missing`.
-        """
-        if not reference_id:
-            raise ValueError("reference_id must be a non-empty checkpoint id")
-        flags = ["1" if drop_other_references else "0", "1" if ignore_missing else "0"]
-        args: list[str] = [self._ns, reference_id, *flags]
-        for pair_id, (c, r) in logps.items():
-            c, r = float(c), float(r)
-            if not (math.isfinite(c) and math.isfinite(r)):
-                raise ValueError(f"reference log-probs of {pair_id} are not finite: ({c}, {r})")
-            args += [pair_id, json.dumps([c, r])]
-        written, missing = self._set_refs(args=args)
-        if missing and not ignore_missing:
-            raise UnknownPairs(f"{len(missing)} pair ids are not in the buffer (e.g. {missing[:3]}); nothing written")
-        return int(written)
-
-    @translating_errors
-    def get_reference_logps(self, pair_ids: Sequence[str], reference_id: str) -> dict[str, LogpPair]:
-        """Cached log-probs computed with exactly `reference_id`; pairs without them are absent."""
-        if not pair_ids:
-            return {}
-        values = cast("list[str | None]", self._client.hmget(f"{self._ns}:ref:{reference_id}", list(pair_ids)))
-        return {pid: _logps(v) for pid, v in zip(pair_ids, values, strict=True) if v is not None}
-
     # -- reads -----------------------------------------------------------------------------------
 
     @translating_errors
@@ -326,17 +266,15 @@ class ReplayBuffer:
         anchor_fraction: float,
         seed: int,
         *,
-        reference_id: str | None = None,
         half_life_cycles: float | None | Literal["config"] = "config",
         stratify_by_category: bool | None = None,
     ) -> Batch:
         """A batch of `n` pairs, `round(n * anchor_fraction)` from the anchor, the rest fresh.
 
         Reproducible for the same seed and contents. Recency weighting and stratification
-        default to the config. With `reference_id`, each pair carries that reference's cached
-        log-probs when there are any. One round trip while the buffer is unchanged: the plan
-        uses the last groups seen, and the fetch script refuses (returning the new groups) if
-        a write landed since.
+        default to the config. One round trip while the buffer is unchanged: the plan uses the
+        last groups seen, and the fetch script refuses (returning the new groups) if a write
+        landed since.
         """
         half_life: float | None = (
             self.cfg.recency_half_life_cycles if half_life_cycles == "config" else half_life_cycles
@@ -361,34 +299,22 @@ class ReplayBuffer:
             spec = ";".join(
                 f"{suffixes.setdefault(f'{p.pool}:{catkey(p.category)}', len(suffixes) + 1)},{p.rank}" for p in picks
             )
-            fetched = self._fetch(args=[self._ns, version, reference_id or "", spec, *suffixes])
+            fetched = self._fetch(args=[self._ns, version, spec, *suffixes])
             if fetched[0] == 0:  # a write landed since the plan: re-plan on the groups returned
                 groups, version = _parse_groups(dict(zip(fetched[2][::2], fetched[2][1::2], strict=True))), fetched[1]
                 self._groups_cache = (groups, version)
                 continue
             pairs = _PAIR_LIST.validate_json("[" + ",".join(fetched[1]) + "]")  # one parse, not n
-            if reference_id:
-                pairs = [
-                    p.model_copy(update={"reference_logps": {reference_id: _logps(v)}}) if v is not None else p
-                    for p, v in zip(pairs, fetched[2], strict=True)
-                ]
             return Batch(pairs=pairs, stats=stats)
         raise ReplayBufferError("the buffer changed during every one of 8 sampling attempts; retry later")
 
     @translating_errors
-    def get(self, pair_ids: Sequence[str], reference_id: str | None = None) -> list[BufferedPair | None]:
-        """The records with these ids (None where absent), optionally with one reference's log-probs."""
+    def get(self, pair_ids: Sequence[str]) -> list[BufferedPair | None]:
+        """The records with these ids (None where absent)."""
         if not pair_ids:
             return []
         blobs = self._client.hmget(f"{self._ns}:pairs", list(pair_ids))
-        out: list[BufferedPair | None] = [None if b is None else BufferedPair.model_validate_json(b) for b in blobs]
-        if reference_id:
-            logps = self.get_reference_logps(pair_ids, reference_id)
-            out = [
-                r.model_copy(update={"reference_logps": {reference_id: logps[r.id]}}) if r and r.id in logps else r
-                for r in out
-            ]
-        return out
+        return [None if b is None else BufferedPair.model_validate_json(b) for b in blobs]
 
     @translating_errors
     def count(self, pool: Pool | None = None) -> int:
@@ -397,46 +323,20 @@ class ReplayBuffer:
         return sum(g.size for g in groups if pool is None or g.pool == pool)
 
     def iter_records(self, batch_size: int = 1_000) -> Iterator[BufferedPair]:
-        """Every record with all its cached reference log-probs (for export); not a snapshot."""
+        """Every record (for export), read `batch_size` at a time; not a snapshot."""
         with self.connection.errors():
-            refs = sorted(cast("set[str]", self._client.smembers(f"{self._ns}:refs")))
-            batch: list[tuple[str, str]] = []
-            for item in self._client.hscan_iter(f"{self._ns}:pairs", count=batch_size):
-                batch.append(item)
-                if len(batch) >= batch_size:
-                    yield from self._with_all_logps(batch, refs)
-                    batch = []
-            yield from self._with_all_logps(batch, refs)
-
-    def _with_all_logps(self, batch: list[tuple[str, str]], refs: list[str]) -> list[BufferedPair]:
-        if not batch:
-            return []
-        ids = [pid for pid, _ in batch]
-        pipe = self._client.pipeline(transaction=False)
-        for ref in refs:
-            pipe.hmget(f"{self._ns}:ref:{ref}", ids)
-        per_ref = dict(zip(refs, pipe.execute(), strict=True)) if refs else {}
-        out = []
-        for i, (_, blob) in enumerate(batch):
-            rec = BufferedPair.model_validate_json(blob)
-            logps = {ref: _logps(vals[i]) for ref, vals in per_ref.items() if vals[i] is not None}
-            out.append(rec.model_copy(update={"reference_logps": logps}) if logps else rec)
-        return out
+            for _, blob in self._client.hscan_iter(f"{self._ns}:pairs", count=batch_size):
+                yield BufferedPair.model_validate_json(blob)
 
     @translating_errors
     def stats(self) -> BufferStats:
-        """Counts per pool, cycle and category, ages, cached references and Redis memory."""
+        """Counts per pool, cycle and category, ages and Redis memory."""
         ns = self._ns
         groups, _ = self.groups()
         pipe = self._client.pipeline(transaction=False)
         pipe.hget(f"{ns}:anchor", "fingerprint")
         pipe.hvals(f"{ns}:group_times")
-        pipe.smembers(f"{ns}:refs")
-        fingerprint, spans, refs = pipe.execute()
-        pipe = self._client.pipeline(transaction=False)
-        for ref in sorted(refs):
-            pipe.hlen(f"{ns}:ref:{ref}")
-        ref_counts = dict(zip(sorted(refs), pipe.execute(), strict=True)) if refs else {}
+        fingerprint, spans = pipe.execute()
         memory = int(self._client.info("memory").get("used_memory", 0))
         times = [float(t) for span in spans for t in span.split()]
         now = time.time()
@@ -458,13 +358,12 @@ class ReplayBuffer:
             per_category=per_category,
             oldest_age_s=now - min(times) if times else None,
             newest_age_s=now - max(times) if times else None,
-            references=ref_counts,
             memory_bytes=memory,
         )
 
     @translating_errors
     def clear(self) -> int:
-        """Delete every key of this namespace (pairs, caches, pointers, locks); returns how many."""
+        """Delete every key of this namespace (pairs, pointers, locks); returns how many."""
         self._groups_cache = None
         deleted = 0
         keys: list[str] = []
@@ -499,7 +398,7 @@ class _Encoder:
         r = cast(BufferedPair, r)  # (_AnchorEncoder handles bare pairs)
         field = f"{r.pool}|{'' if r.cycle is None else r.cycle}|{catkey(r.pair.category)}"
         g = groups.setdefault(field, len(groups) + 1)
-        blob = r.__pydantic_serializer__.to_json(r, exclude=_NO_LOGPS).decode()
+        blob = r.__pydantic_serializer__.to_json(r).decode()
         return f"{r.pair.content_id} {g} {r.created_at.timestamp():.6f}\n", blob
 
 
@@ -519,7 +418,7 @@ class _AnchorEncoder(_Encoder):
         probe = BufferedPair.anchor(PreferencePair(prompt="p", chosen="c", rejected="r"), fingerprint,
                                     created_at=created_at)  # fmt: skip
         head = '{"pair":' + probe.pair.model_dump_json()
-        full = probe.model_dump_json(exclude=_NO_LOGPS)
+        full = probe.model_dump_json()
         self._tail = full[len(head) :] if full.startswith(head) else None
         self._time = f"{created_at.timestamp():.6f}"
 
@@ -544,11 +443,6 @@ def _parse_groups(raw: Mapping[str, str]) -> list[Group]:
         pool, cycle, key = field.split("|", 2)
         out.append(Group(cast(Pool, pool), _category(key), int(cycle) if cycle else None, int(count)))
     return out
-
-
-def _logps(raw: str) -> LogpPair:
-    c, r = json.loads(raw)
-    return (float(c), float(r))
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""The replay buffer against a real redis-server: idempotence, seeding, mixing, eviction, caches."""
+"""The replay buffer against a real redis-server: idempotence, seeding, mixing, eviction, pointers."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from rich.console import Console
 
 from buffer.config import BufferConfig
 from buffer.records import BufferedPair, InvalidRecord, format_stats_table
-from buffer.store import AnchorMismatch, ReplayBuffer, UnknownPairs
+from buffer.store import AnchorMismatch, ReplayBuffer
 from offline.pairs import PreferencePair
 
 
@@ -111,36 +111,12 @@ def test_fresh_pool_evicts_oldest_cycle_first_and_never_the_anchor(redis_url: st
         b.seed_anchor([make_pair(i, "a") for i in range(30)], "fp")
         c0 = fresh(6, cycle=0)
         b.add(c0)
-        b.set_reference_logps("ref", {r.id: (-1.0, -2.0) for r in c0})
         assert b.add(fresh(6, cycle=1)).evicted == 2
         assert b.add(fresh(6, cycle=2)).evicted == 6
         stats = b.stats()
         assert (stats.anchor, stats.fresh, stats.per_cycle) == (30, 10, {1: 4, 2: 6})
         assert b.get([r.id for r in c0]) == [None] * 6
-        assert b.get_reference_logps([r.id for r in c0], "ref") == {}  # caches go with their pairs
         assert len(b.sample(40, 0.5, seed=0).pairs) == 40  # indexes stay consistent after eviction
-
-
-def test_reference_logps_are_keyed_by_reference(buf: ReplayBuffer) -> None:
-    recs = fresh(4, cycle=0)
-    buf.add(recs)
-    ids = [r.id for r in recs]
-    assert buf.set_reference_logps("sft-1", {ids[0]: (-10.5, -12.25), ids[1]: (-3.0, -4.0)}) == 2
-    assert buf.get_reference_logps(ids, "sft-1") == {ids[0]: (-10.5, -12.25), ids[1]: (-3.0, -4.0)}
-    assert buf.get_reference_logps(ids, "sft-2") == {}  # another reference never reuses them
-    batch = buf.sample(4, 0.0, seed=0, reference_id="sft-1")
-    assert {p.id: p.reference_logps for p in batch.pairs}[ids[0]] == {"sft-1": (-10.5, -12.25)}
-    assert buf.get([ids[2]], reference_id="sft-1")[0].reference_logps == {}  # type: ignore[union-attr]
-    # A new reference invalidates the old one's cache by default.
-    buf.set_reference_logps("sft-2", {ids[2]: (-1.0, -1.5)})
-    assert buf.get_reference_logps(ids, "sft-1") == {}
-    buf.set_reference_logps("sft-3", {ids[3]: (-2.0, -2.5)}, drop_other_references=False)
-    assert buf.get_reference_logps(ids, "sft-2") == {ids[2]: (-1.0, -1.5)}
-    with pytest.raises(UnknownPairs, match="nothing written"):
-        buf.set_reference_logps("sft-3", {ids[0]: (-1.0, -1.0), "f" * 32: (-1.0, -1.0)}, drop_other_references=False)
-    assert ids[0] not in buf.get_reference_logps(ids, "sft-3")
-    with pytest.raises(ValueError, match="not finite"):
-        buf.set_reference_logps("sft-3", {ids[0]: (float("nan"), -1.0)})
 
 
 @pytest.mark.parametrize(
