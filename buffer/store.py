@@ -11,6 +11,8 @@ pointers are `buffer/pointers.py`'s and its locks `buffer/lock.py`'s. Contract:
   pairs are all there or none are. The same script evicts
   the oldest cycles' fresh pairs beyond `fresh_capacity`. Pair id = content hash: re-adding is a
   no-op, which also makes redis-py's retry-after-disconnect safe.
+  `add_fresh(pairs)` does the same for `offline.pairs.FreshPair`s, the type `online/` hands
+  over (`online/replay.py` is the protocol a cycle sees; this class implements it).
 - `seed_anchor(pairs, fingerprint)` is idempotent; another fingerprint is `AnchorMismatch`
   unless `replace=True`. The anchor is never evicted.
 - `sample(n, anchor_fraction, seed)` draws the mix planned by `buffer.mixing.plan_sample` and
@@ -33,8 +35,8 @@ Key layout (`ns` = `BufferConfig.namespace`; `cat` = `c:<category>`, or `none` w
     ns:anchor                HASH   fingerprint, seeded_at, complete ("1" once a seed finished)
     ns:version               STRING random token replaced by every change of membership; a
                                     sample planned on older contents is re-planned
-    ns:pointer:<name>        STRING JSON object (e.g. the current policy, for the promotion
-                                    gate; buffer/pointers.py)
+    ns:pointer:<name>        STRING JSON object: the policy registry's mirror (current policy,
+                                    cycle state; buffer/pointers.py)
     ns:lock:<name>           STRING lock token with a TTL (buffer/lock.py)
 
 Scripts derive key names from the namespace, so the buffer needs a standalone (or single-shard)
@@ -70,7 +72,7 @@ from buffer.records import (
     describe_error,
     validate_records,
 )
-from offline.pairs import PreferencePair
+from offline.pairs import FreshPair, PreferencePair
 
 SEED_CHUNK = 5_000  # pairs per script call while seeding: bounds how long one call blocks Redis
 _PAIR_LIST = TypeAdapter(list[BufferedPair])
@@ -140,6 +142,18 @@ class ReplayBuffer:
         if anchors:
             raise InvalidRecord(f"record {anchors[0]}: anchor pairs enter through seed_anchor(), not add()")
         return self._write(recs, guard="")
+
+    def add_fresh(self, pairs: Sequence[FreshPair]) -> AddResult:
+        """One cycle's labelled pairs, as `online/replay.py`'s protocol hands them over, through `add`."""
+        records = []
+        for i, p in enumerate(pairs):
+            try:
+                records.append(BufferedPair.fresh(
+                    p.pair, cycle=p.cycle, policy_version=p.policy_version, judge=p.judge, confidence=p.confidence,
+                ))  # fmt: skip
+            except ValidationError as e:
+                raise InvalidRecord(f"pair {i}: {describe_error(e)}") from None
+        return self.add(records)
 
     @translating_errors
     def seed_anchor(

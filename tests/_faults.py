@@ -123,13 +123,13 @@ def hook(name: str, wrap: Callable[[Callable], Callable]) -> Callable[[str, Call
 
 
 class _AddSpy:
-    """The buffer as a cycle sees it, with `add` (the cycle's one atomic write) wrapped."""
+    """The buffer as a cycle sees it, with `add_fresh` (the cycle's one atomic write) wrapped."""
 
     def __init__(self, buffer: Any, around: Callable[[Callable, list], Any]) -> None:
         self._buffer, self._around = buffer, around
 
-    def add(self, records: list) -> Any:
-        return self._around(self._buffer.add, records)
+    def add_fresh(self, records: list) -> Any:
+        return self._around(self._buffer.add_fresh, records)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._buffer, name)

@@ -11,7 +11,7 @@ from rich.console import Console
 from buffer.config import BufferConfig
 from buffer.records import BufferedPair, InvalidRecord, format_stats_table
 from buffer.store import AnchorMismatch, ReplayBuffer
-from offline.pairs import PreferencePair
+from offline.pairs import FreshPair, PreferencePair
 
 
 def make_pair(i: int, tag: str = "p", category: str | None = None) -> PreferencePair:
@@ -42,6 +42,24 @@ def test_adding_the_same_pair_twice_is_a_no_op(buf: ReplayBuffer) -> None:
     assert buf.add([BufferedPair.fresh(recs[0].pair, cycle=7)]).duplicates == 1
     got = buf.get([recs[0].id, "0" * 32])
     assert got[0] == recs[0] and got[1] is None
+
+
+def test_a_cycles_fresh_pairs_are_stored_with_their_provenance_once(buf: ReplayBuffer) -> None:
+    labels = [FreshPair(pair=make_pair(i, "l"), cycle=3, policy_version="ckpt-3", judge="rule:m:f", confidence=0.75)
+              for i in range(4)]  # fmt: skip
+    assert buf.add_fresh(labels).added == 4
+    assert (buf.add_fresh(labels).added, buf.add_fresh(labels).duplicates) == (0, 4)  # a re-run adds nothing
+    got = buf.get([labels[0].pair.content_id])[0]
+    assert got is not None and got.pair == labels[0].pair
+    assert (got.pool, got.cycle, got.source, got.policy_version, got.judge, got.confidence) == (
+        "fresh", 3, "cycle-3", "ckpt-3", "rule:m:f", 0.75
+    )
+    same = FreshPair(pair=PreferencePair(prompt="p", chosen="x", rejected="x"), cycle=3, policy_version="v",
+                     judge="j", confidence=1.0)  # fmt: skip
+    new = labels[0].model_copy(update={"pair": make_pair(99, "l")})
+    with pytest.raises(InvalidRecord, match="pair 1: .*identical"):
+        buf.add_fresh([new, same])
+    assert buf.count("fresh") == 4  # not even the valid pair of the rejected call was written
 
 
 def test_seeding_the_anchor_is_idempotent_and_guarded_by_fingerprint(buf: ReplayBuffer) -> None:
