@@ -41,6 +41,12 @@ def main() -> None:
     from _faults import CONFIG, around_fresh_add, locked_cycle
 
     import offline.checkpoint as checkpoint
+    # Modules that bind `atomic_dir` by name (train's resume snapshots, the model builders) are
+    # imported BEFORE the patch below, so only save_checkpoint (which looks it up on the module
+    # at call time) hangs; a snapshot written through the patched one would hang mid-training.
+    import offline.demo_task  # noqa: F401
+    import offline.models  # noqa: F401
+    import offline.train  # noqa: F401
     from buffer.store import ReplayBuffer
     from orchestrator.config import load_config
 
