@@ -103,6 +103,10 @@ def prefect_records(flow_run_id) -> dict[str, list[str]]:
         ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId,
     )
 
+    from prefect.logging.handlers import APILogWorker
+
+    # Run logs reach the API through a background worker; read them only after it has flushed.
+    APILogWorker.drain_all()
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
