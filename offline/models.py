@@ -55,6 +55,13 @@ class LoadedPolicy:
     base_dir: Path | None = None
     """LoRA: the model the adapter sits on (pi_0); `reference()` runs it. None: full fine-tuning."""
 
+    def reference_runs(self, model_dir: Path) -> bool:
+        """True when `reference()` (adapter disabled) runs exactly the model in `model_dir`, so
+        that model's log-probs need no second copy loaded; False for full fine-tuning."""
+        return self.reference is not None and self.base_dir is not None and (
+            Path(self.base_dir).resolve() == Path(model_dir).resolve()
+        )
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -157,7 +157,7 @@ def ensure_reference_logps(
     if missing == 0:
         out = compute_reference_logps(policy.model, pairs, reference_id, cache, batch_size, **kw)
     elif policy.reference is not None:
-        if policy.base_dir is None or Path(policy.base_dir).resolve() != Path(reference_dir).resolve():
+        if not policy.reference_runs(reference_dir):
             raise ValueError(
                 f"the LoRA policy's base ({policy.base_dir}) is not the reference {reference_dir}: "
                 "its adapter-disabled log-probs would not be pi_0's"

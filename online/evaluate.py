@@ -109,10 +109,9 @@ def measure_kl(policy: LoadedPolicy, reference_dir: Path, prompts: list[Prompt],
                max_new_tokens: int, seed: int) -> KLEstimate:
     """KL(pi || pi_0) from the policy's own samples on held-out prompts."""
     policy.model.eval()
-    lora_on_pi0 = policy.reference is not None and policy.base_dir is not None and (
-        Path(policy.base_dir).resolve() == Path(reference_dir).resolve()
-    )
-    ref = policy.reference if lora_on_pi0 else load_reference(reference_dir, device=policy.model.device)
+    # LoRA on pi_0: the adapter-disabled policy is pi_0, no second copy.
+    ref = (policy.reference if policy.reference_runs(reference_dir)
+           else load_reference(reference_dir, device=policy.model.device))
     return estimate_kl(policy.model, ref, policy.tokenizer, prompts, n_samples, max_new_tokens, seed)
 
 
