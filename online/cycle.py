@@ -240,6 +240,7 @@ def run_cycle(
         audit = step("judge-audit", cycle_audit)(inputs) if judge_cfg.audit.active(judge_cfg.kind) else None
     reference_dir = resolve_model_dir(inputs.model, state_dir)
     log.info("cycle %d of %r from %s (anchor_fraction %.3f, beta %.4g)", index, name, parent.path, state.anchor_fraction, state.beta)
+
     with _timed(seconds, "load"):
         policy = step("load-current-policy", load_current)(inputs, parent.path)
         pool = load_prompt_pool(online.prompts, tokenizer=policy.tokenizer)
