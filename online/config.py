@@ -189,6 +189,28 @@ class RuleJudgeConfig(Section):
     """Smallest best-minus-worst score difference that makes a label (below: tie)."""
 
 
+class JudgeAuditConfig(Section):
+    """The judge's audit against the static dataset's human labels (`online.audit`)."""
+
+    enabled: bool | None = None
+    """Audit before a cycle labels with this judge (None: yes for llm judges, no for rule and
+    reward-model judges, which `tether judge audit` can still audit on request)."""
+    pairs: int = Field(default=64, gt=0, le=100_000)
+    """Held-out pairs of the static dataset the judge is asked about (both orders each)."""
+    min_agreement: float = Field(default=0.6, ge=0.0, le=1.0)
+    """Least agreement with the human label, over the pairs the judge decided, to label with it."""
+    max_position_conflict: float = Field(default=0.4, ge=0.0, le=1.0)
+    """Most pairs (share of those answered) where both orders named the same letter."""
+    max_unparseable: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Most pairs (share of those answered) with a verdict that could not be read."""
+    enforce: bool = True
+    """Refuse to run a cycle with a judge below these thresholds (false: warn, and label anyway)."""
+
+    def active(self, kind: str) -> bool:
+        """Whether a cycle audits a judge of this kind."""
+        return self.enabled if self.enabled is not None else kind == "llm"
+
+
 class JudgeConfig(Section):
     """Which judge labels online pairs, and the per-cycle API budget."""
 
@@ -204,6 +226,10 @@ class JudgeConfig(Section):
     """Most API requests per cycle, retries included (None: unlimited)."""
     max_cost_usd: float | None = Field(default=None, gt=0)
     """No new API request starts once a cycle has spent this much (None: unlimited)."""
+    audit: JudgeAuditConfig = JudgeAuditConfig()
+    """Agreement with human labels, position bias and parse rate, checked before labelling."""
+    max_neutralised_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    """A cycle whose samples needed the reward-hacking guards more often than this is flagged."""
 
     @model_validator(mode="after")
     def _section_for_kind(self) -> JudgeConfig:

@@ -1,8 +1,16 @@
 """One online refresh cycle, as a recipe of typed steps.
 
-current policy -> evaluate it -> sample prompts -> generate -> judge -> buffer (anchor, fresh
-pairs, mixed draw) -> reference log-probs -> train (the offline loop) -> evaluate the candidate
-+ KL -> gate -> checkpoint, promote or keep for inspection -> controller sets the next mix.
+judge audit -> current policy -> evaluate it -> sample prompts -> generate -> judge -> buffer
+(anchor, fresh pairs, mixed draw) -> reference log-probs -> train (the offline loop) -> evaluate
+the candidate + KL -> gate -> checkpoint, promote or keep for inspection -> controller sets the
+next mix.
+
+The judge audit (`online.audit`, cached per judge and dataset) comes first: a judge below its
+thresholds stops the cycle with `JudgeAuditFailed` before anything is loaded or generated.
+Every cycle's report, lineage and history carry the judge's counters (pairs asked, labels,
+ties, position conflicts, unparseable, dropped, retries, cost, samples neutralised), the fresh
+and anchor pairs drawn and actually trained on, the audit's figures, and `flags` (e.g. too
+many samples needed the judge's reward-hacking guards).
 
 Each step takes and returns a small named type (`LoadedPolicy`, `Generation`s, `Labels`,
 `BufferUpdate`, `TrainingSet`, `TrainResult`, `CurrentEval` / `CandidateEval`, `CheckpointRef`);
@@ -41,6 +49,7 @@ from offline.reference import ensure_reference_logps
 from offline.registry import CycleState, PolicyRegistry
 from offline.seeds import derive_seed
 from offline.tokenize import TokenizedPair, tokenize_pairs
+from online.audit import JudgeAudit, cycle_audit, neutralised_flag
 from online.config import CycleInputs, GenerationConfig, JudgeConfig
 from online.controller import next_mix
 from online.evaluate import evaluate_candidate, evaluate_current, finite, make_scorer
@@ -81,6 +90,10 @@ class CycleReport(BaseModel):
     train: dict[str, float]
     seconds: dict[str, float]
     finished_at: float = Field(default_factory=time.time)
+    audit: JudgeAudit | None = None
+    """The judge's audit this cycle was allowed to label under (None: audits off for this judge)."""
+    flags: list[str] = Field(default_factory=list)
+    """Warnings that did not stop the cycle (e.g. reward hacking suspected); empty when none."""
 
 
 def identity_step(name: str, fn: F) -> F:
@@ -125,6 +138,8 @@ class BufferUpdate:
     pairs_added: int
     pairs: list[PreferencePair]
     mix: dict[str, float]
+    fresh_ids: frozenset[str] = frozenset()
+    """Content ids of the drawn pairs that came from the fresh pool."""
 
 
 def fresh_pairs(judgments: list[Judgment], cycle: int, policy_version: str) -> list[FreshPair]:
@@ -149,8 +164,27 @@ def update_buffer(
     buffer.seed_anchor(dataset.train, dataset.fingerprint)
     added = buffer.add_fresh(fresh_pairs(labels.judgments, cycle, policy_version))
     draw = buffer.sample(n, anchor_fraction, seed)
+    fresh = [p.pair.content_id for p in draw.pairs if p.pool == "fresh"]
+    mix = {**draw.stats.metrics(), "buffer/fresh_pairs_drawn": float(len(fresh)),
+           "buffer/anchor_pairs_drawn": float(len(draw.pairs) - len(fresh))}
     return BufferUpdate(fingerprint=dataset.fingerprint, pairs_added=added.added,
-                        pairs=[p.pair for p in draw.pairs], mix=draw.stats.metrics())
+                        pairs=[p.pair for p in draw.pairs], mix=mix, fresh_ids=frozenset(fresh))
+
+
+def trained_counts(pairs: list[PreferencePair], fresh_ids: frozenset[str], step_pair_ids: list[list[str]]) -> dict[str, float]:
+    """Fresh and anchor pairs of the draw that training actually saw (a `max_steps` run may
+    stop before it has seen them all); `train/...` keys."""
+    seen = {i for step in step_pair_ids for i in step}
+    trained = [p.content_id for p in pairs if p.content_id in seen]
+    fresh = sum(i in fresh_ids for i in trained)
+    return {"train/fresh_pairs": float(fresh), "train/anchor_pairs": float(len(trained) - fresh)}
+
+
+def judge_metrics(stats: JudgeStats, generations: list[Generation]) -> dict[str, float]:
+    """The pass's `judge/...` counters plus the samples it saw and the share it neutralised."""
+    samples = sum(len(g.responses) for g in generations)
+    return {**finite(stats.metrics()), "judge/samples": float(samples),
+            "judge/neutralised_fraction": stats.neutralised / samples if samples else 0.0}
 
 
 @dataclass(frozen=True)
@@ -200,6 +234,10 @@ def run_cycle(
     index = max(state.completed, current.cycle or 0) + 1
     seed = {stage: derive_seed(inputs.seed, stage, index) for stage in ("eval", "generate", "mix", "kl")}
     parent = current.checkpoint
+    judge_cfg = online.judge
+    with _timed(seconds, "audit"):
+        # First, before any model is loaded or sample generated: may this judge label at all?
+        audit = step("judge-audit", cycle_audit)(inputs) if judge_cfg.audit.active(judge_cfg.kind) else None
     reference_dir = resolve_model_dir(inputs.model, state_dir)
     log.info("cycle %d of %r from %s (anchor_fraction %.3f, beta %.4g)", index, name, parent.path, state.anchor_fraction, state.beta)
 
@@ -247,6 +285,13 @@ def run_cycle(
     mix_next = next_mix(after.kl.sequence, budget, state.anchor_fraction, state.beta, online.controller)
     train_metrics = finite(result.final_metrics)
     kl = finite(after.kl.metrics())
+    judged = judge_metrics(labels.stats, generations)
+    mix = {**finite(mixed.mix), "pairs_added": float(mixed.pairs_added),
+           **trained_counts(mixed.pairs, mixed.fresh_ids, result.step_pair_ids)}
+    flags = [f for f in [neutralised_flag(labels.stats.neutralised, int(judged["judge/samples"]),
+                                          judge_cfg.max_neutralised_fraction)] if f]
+    for flag in flags:
+        log.warning("cycle %d: %s", index, flag)
     with _timed(seconds, "checkpoint"):
         ckpt = step("save-checkpoint", save_policy)(
             policy, state_dir / "checkpoints" / name, f"cycle-{index:04d}-{parent.id[:8]}",
@@ -256,7 +301,9 @@ def run_cycle(
             # unpromoted checkpoint atomically instead of failing forever.
             overwrite=True,
             metrics={"kl": kl, "before": before.summary.model_dump(), "after": after.summary.model_dump(),
-                     "gate": {"promote": decision.promote, "reasons": decision.reasons}, **train_metrics},
+                     "gate": {"promote": decision.promote, "reasons": decision.reasons}, **train_metrics,
+                     "judge": judged, "mix": mix, "judge_audit": audit.summary() if audit else None,
+                     "flags": flags},
         )
         if decision.promote:
             registry.promote(ckpt, kind="cycle", cycle=index)
@@ -265,13 +312,14 @@ def run_cycle(
         kl=kl, kl_budget=budget,
         before={"mean": before.summary.mean, **before.summary.per_category},
         after={"mean": after.summary.mean, **after.summary.per_category},
-        judge=finite(labels.stats.metrics()), mix={**finite(mixed.mix), "pairs_added": float(mixed.pairs_added)},
+        judge=judged, mix=mix,
         next_anchor_fraction=mix_next.anchor_fraction, next_beta=mix_next.beta,
-        controller_reason=mix_next.reason, train=train_metrics, seconds=seconds,
+        controller_reason=mix_next.reason, train=train_metrics, seconds=seconds, audit=audit, flags=flags,
     )
     registry.record_cycle(CycleState(
         completed=index, anchor_fraction=mix_next.anchor_fraction, beta=mix_next.beta,
-        history=[*state.history, report.model_dump(mode="json", exclude={"checkpoint", "parent"})],
+        history=[*state.history, {**report.model_dump(mode="json", exclude={"checkpoint", "parent", "audit"}),
+                                   "judge_audit": audit.summary() if audit else None}],
     ))
     shutil.rmtree(resume_dir, ignore_errors=True)
     return report

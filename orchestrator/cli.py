@@ -24,8 +24,10 @@ from orchestrator.runtime import configure_prefect, serverless_flow_settings, st
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 data_app = typer.Typer(no_args_is_help=True, help="Inspect preference datasets.")
 buffer_app = typer.Typer(no_args_is_help=True, help="Inspect and snapshot the replay buffer.")
+judge_app = typer.Typer(no_args_is_help=True, help="Check the judge against human labels.")
 app.add_typer(data_app, name="data")
 app.add_typer(buffer_app, name="buffer")
+app.add_typer(judge_app, name="judge")
 console = Console()
 
 DEMO_CONFIG = Path("configs/demo.yaml")
@@ -171,6 +173,8 @@ def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
         return
     verdict = "[green]promoted[/green]" if out["promoted"] else "[red]not promoted (rolled back)[/red]"
     console.print(f"cycle {out['index']}: {verdict}: " + "; ".join(out["reasons"]))
+    for flag in out.get("flags") or []:
+        console.print(f"[yellow]flag:[/yellow] {flag}")
     print_metrics(f"cycle {out['index']}", {
         **{f"reward_before/{k}": v for k, v in out["before"].items()},
         **{f"reward_after/{k}": v for k, v in out["after"].items()},
@@ -209,6 +213,11 @@ def eval_(
         table.add_row(r["category"], r["split"], f"{r['reward']:.3f}")
     console.print(table)
     print_metrics("KL to the reference", {**out["kl"], "kl_budget": inputs.online.controller.kl_budget})
+    from online.audit import run_audit
+
+    with _user_errors():
+        audit = run_audit(inputs)  # cached after the first cycle (or `tether judge audit`)
+    print_audit(audit, inputs.online.judge.audit)
 
 
 def _covered_categories(cfg) -> set[str]:
@@ -218,6 +227,50 @@ def _covered_categories(cfg) -> set[str]:
 
     ds = load_preference_dataset(resolve_data(cfg.data, cfg.state_dir), tokenizer=load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir)))
     return {p.category for p in ds.train if p.category}
+
+
+def print_audit(audit, audit_cfg) -> bool:
+    """The judge audit as a table and its verdict; True when the judge passes."""
+    import time as _time
+
+    from online.audit import audit_failures, audit_rows
+
+    when = _time.strftime("%Y-%m-%d %H:%M UTC", _time.gmtime(audit.created_at))
+    table = Table(title=f"judge audit of {audit.judge}: {audit.counts.requested} held-out pairs of "
+                        f"{audit.dataset_source} (measured {when}, audit {audit.key})")
+    rows = audit_rows(audit, audit_cfg)
+    for c in rows[0]:
+        table.add_column(c, justify="left" if c == "figure" else "right")
+    for r in rows:
+        table.add_row(*(r[c] for c in rows[0]))
+    console.print(table)
+    failures = audit_failures(audit, audit_cfg)
+    if failures:
+        console.print("[red]the judge fails its audit:[/red] " + "; ".join(f.text() for f in failures)
+                      + ("" if audit_cfg.enforce else " (enforce is off: cycles label anyway)"))
+    else:
+        console.print("[green]the judge passes its audit[/green]")
+    return not failures
+
+
+@judge_app.command("audit")
+def judge_audit(
+    config: Path = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    refresh: bool = typer.Option(False, help="Measure again even if this judge has a cached audit."),
+) -> None:
+    """Ask the judge about held-out pairs of the static dataset and compare with the human labels.
+
+    Exit code 1 when a figure is below its threshold (judge.audit.*), 0 when it passes.
+    """
+    cfg = _load(config, set_)
+    from online.audit import JudgeAudit
+    from orchestrator.flows import cycle_inputs, judge_audit as judge_audit_flow
+
+    with _user_errors(), serverless_flow_settings():
+        out = judge_audit_flow(config_path=str(config), overrides=parse_sets(set_), refresh=refresh, config=cfg)
+    if not print_audit(JudgeAudit.model_validate(out["audit"]), cycle_inputs(cfg).online.judge.audit):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -287,6 +340,7 @@ def _user_errors() -> Iterator[None]:
     from buffer.server import RedisServerError, RedisServerMissing
     from offline.data import DataError
     from offline.registry import NoCurrentPolicy
+    from online.audit import JudgeAuditFailed
     from online.generate import GenerationError
     from online.judge import JudgeAPIError
     from online.prompts import PromptError
@@ -295,7 +349,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, PromptError, ReplayBufferError, RedisServerMissing, RedisServerError,
-            JudgeAPIError, GenerationError, NoCurrentPolicy) as exc:
+            JudgeAPIError, JudgeAuditFailed, GenerationError, NoCurrentPolicy) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 

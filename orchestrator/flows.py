@@ -28,7 +28,7 @@ from prefect.utilities.annotations import opaque
 from offline import pipeline
 from offline.reference import ensure_reference_logps
 from offline.registry import PolicyRegistry
-from orchestrator.artifacts import config_markdown, markdown_table, metrics_rows, sparkline
+from orchestrator.artifacts import audit_markdown, config_markdown, markdown_table, metrics_rows, sparkline
 from orchestrator.config import TetherConfig, load_config, redacted_dump
 
 if TYPE_CHECKING:
@@ -238,7 +238,13 @@ def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
         "reward before": h["before"]["mean"],
         "reward after": h["after"]["mean"],
         "anchor_fraction next": h["next_anchor_fraction"],
+        "judge/asked": h["judge"].get("judge/asked", float("nan")),
+        "judge/judgments": h["judge"].get("judge/judgments", float("nan")),
+        "judge/position_conflicts": h["judge"].get("judge/position_conflicts", float("nan")),
         "judge/cost_usd": h["judge"].get("judge/cost_usd", 0.0),
+        "train/fresh_pairs": h["mix"].get("train/fresh_pairs", float("nan")),
+        "train/anchor_pairs": h["mix"].get("train/anchor_pairs", float("nan")),
+        "flags": len(h.get("flags") or []),
     } for h in history]
     kls = [r["kl/sequence"] for r in rows]
     rewards = [r["reward after"] for r in rows]
@@ -264,6 +270,10 @@ def cycle_markdown(report: "CycleReport") -> str:
         f"KL(pi||pi_0): {report.kl.get('kl/policy_ref', float('nan')):.4f} nats/sequence "
         f"({report.kl.get('kl/policy_ref_per_token', float('nan')):.4f} per token), budget {report.kl_budget:g}.",
         f"Controller: {report.controller_reason}",
+        *(f"**Flag:** {f}" for f in report.flags),
+        ("Judge audit: " + report.audit.judge + ", agreement with human labels " + report.audit.agreement.text()
+         + ", position conflicts " + report.audit.position_conflict.text() + " (artifact `judge-audit`)")
+        if report.audit else "Judge audit: off for this judge (online.judge.audit.enabled).",
         "## Reward per category (held-out prompts)",
         markdown_table(rows),
         "## Judge, mix, training",
@@ -278,10 +288,12 @@ def run_refresh(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
     """One refresh cycle under the cycle lock (skips, and says so, when another one holds it)."""
     from buffer.lock import LockHeld
     from buffer.store import open_buffer
+    from online.audit import JudgeAuditFailed
     from online.cycle import run_cycle_locked
 
     logger = get_run_logger()
     inputs = cycle_inputs(cfg)
+    audit_cfg = inputs.online.judge.audit
     with open_buffer(cfg.buffer, cfg.state_dir) as buf:
         try:
             report = run_cycle_locked(inputs, buf, step=as_task, progress=progress)
@@ -289,7 +301,14 @@ def run_refresh(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
             logger.warning("skipping this cycle: another refresh cycle is running (%s)", exc)
             create_markdown_artifact(f"# Cycle skipped\n\n{exc}", key="refresh-cycle-skipped")
             return {"skipped": True, "reason": str(exc)}
+        except JudgeAuditFailed as exc:
+            create_markdown_artifact(audit_markdown(exc.audit, audit_cfg), key="judge-audit",
+                                     description=f"Judge audit of {exc.audit.judge}: FAILED, the cycle did not run")
+            raise
         history = PolicyRegistry(cfg.state_dir, cfg.name).history()
+    if report.audit is not None:
+        create_markdown_artifact(audit_markdown(report.audit, audit_cfg), key="judge-audit",
+                                 description=f"Judge audit of {report.audit.judge}")
     logger.info(
         "cycle %d: %s; KL %.4f (budget %g); reward %.4f -> %.4f",
         report.index, "promoted" if report.promoted else "rolled back",
@@ -314,6 +333,30 @@ def refresh_cycle(
 ) -> dict[str, Any]:
     """Refresh the current policy online: generate, judge, buffer, train under the KL budget, gate."""
     return run_refresh(resolve_config(config_path, overrides, config), progress=progress)
+
+
+@flow(name="judge-audit", flow_run_name="judge-audit-{run_label}", **FLOW_RESULTS)
+def judge_audit(
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    run_label: str = "manual",
+    refresh: bool = False,
+    config: TetherConfig | None = None,
+) -> dict[str, Any]:
+    """Audit the configured judge against the static dataset's human labels (cached); the
+    thresholds are reported, not enforced: a cycle enforces them."""
+    from online.audit import audit_failures, run_audit
+
+    cfg = resolve_config(config_path, overrides, config)
+    inputs = cycle_inputs(cfg)
+    audit = run_audit(inputs, refresh=refresh)
+    audit_cfg = inputs.online.judge.audit
+    failures = audit_failures(audit, audit_cfg)
+    create_markdown_artifact(audit_markdown(audit, audit_cfg), key="judge-audit",
+                             description=f"Judge audit of {audit.judge}: " + ("FAILS" if failures else "passes"))
+    get_run_logger().info("judge audit %s of %s: %s", audit.key, audit.judge,
+                          "; ".join(f.text() for f in failures) or "passes")
+    return {"audit": audit.model_dump(mode="json"), "failures": [f.text() for f in failures]}
 
 
 # -- the embedded demo / efficacy report: initial -> offline -> N cycles -------------------------

@@ -128,6 +128,25 @@ METRIC_LABEL = {
 }
 
 
+JUDGE_COLUMNS = [
+    "judge/asked", "judge/judgments", "judge/ties", "judge/position_conflicts", "judge/unparseable",
+    "judge/dropped", "judge/retries", "judge/cost_usd", "judge/neutralised", "train/fresh_pairs", "train/anchor_pairs",
+]
+"""What each cycle's judge did and what it trained on: pairs asked, labels, ties, position conflicts,
+unparseable, dropped, retries, cost, samples neutralised; fresh and anchor pairs actually trained."""
+
+
+def judge_columns(cycle: dict[str, Any]) -> dict[str, Any]:
+    """A cycle report's judge counters and trained mix as row entries (NaN where missing), and
+    its flags and audit agreement."""
+    found = {**cycle.get("judge", {}), **cycle.get("mix", {})}
+    out: dict[str, Any] = {c: found.get(c, float("nan")) for c in JUDGE_COLUMNS}
+    audit = cycle.get("audit")
+    out["judge_audit/agreement"] = (audit or {}).get("agreement", {}).get("value") if audit else None
+    out["flags"] = "; ".join(cycle.get("flags") or []) or "-"
+    return out
+
+
 def verdict(holds: bool | None) -> str:
     """How a claim's verdict reads in the report."""
     return "n/a" if holds is None else "yes" if holds else "NO"
@@ -147,6 +166,12 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[st
         markdown_table(rows, cols),
         "## Claims",
         markdown_table([{**c, "holds": verdict(c["holds"])} for c in claims], ["claim", "holds", "evidence"]),
+        "## Judge and training mix per cycle",
+        "Pairs the judge was asked, labels it gave, ties (position conflicts included), unparseable, dropped "
+        "(asked but no label), retries, cost, samples neutralised by the reward-hacking guards; fresh vs "
+        "anchor pairs the cycle's training actually saw; the judge audit's agreement with human labels.",
+        markdown_table([r for r in rows if "judge/asked" in r],
+                       ["stage", *JUDGE_COLUMNS, "judge_audit/agreement", "flags"]),
         "## Reward per category",
         markdown_table(rows, ["stage"] + sorted(k for k in rows[0] if k.startswith("reward/"))),
     ])
@@ -181,8 +206,10 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
     demo = hybrid_demo(config_path, o, run_label="report", cycles=cycles, progress=progress, config=base)
     rows = [dict(r) for r in demo["stages"]]
     cost = {f"cycle {c['index']}": c["judge"].get("judge/cost_per_1k_judgments", 0.0) for c in demo["cycles"] if not c.get("skipped")}
+    judged = {f"cycle {c['index']}": judge_columns(c) for c in demo["cycles"] if not c.get("skipped")}
     for r in rows:
         r["judge/cost_per_1k_judgments"] = cost.get(r["stage"], float("nan"))
+        r.update(judged.get(r["stage"], {}))
 
     # The budget probe: the current policy already sits at KL ~ k from pi_0; a budget of k/2
     # must make the gate refuse the next candidate, however good its reward.
@@ -203,6 +230,7 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
         probe = stage_row("budget probe", after, rep["kl"], probe_budget, set(demo["covered"]),
                           "yes" if rep["promoted"] else "no (rolled back)")
         probe["judge/cost_per_1k_judgments"] = rep["judge"].get("judge/cost_per_1k_judgments", 0.0)
+        probe.update(judge_columns(rep))
         rows.append(probe)
     claims = check_claims(rows, probe)
     meta = {

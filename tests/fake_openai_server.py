@@ -23,7 +23,7 @@ Scriptable behaviour, applied per request:
 - `api_key`: when set, requests without `Authorization: Bearer <api_key>` get 401.
 
 Every request is logged (`requests`: arrival time, body key, fault, status, whether the
-Authorization header matched, the ground truth) for assertions. Run as a script
+Authorization header matched, the ground truth, and the parsed JSON body itself) for assertions. Run as a script
 (`python tests/fake_openai_server.py --latency-ms 50`) it prints `READY <base_url>` and serves
 until killed; the benchmark uses it that way so client and server do not share a GIL.
 """
@@ -62,6 +62,7 @@ class RequestRecord:
     status: int  # 0 when the connection was dropped
     auth_ok: bool
     truth: str | None  # "A" | "B" | "tie" by the marker rule; None when unreadable
+    body: dict | None = None  # the request's JSON body as received (None when it was not JSON)
 
 
 class FakeOpenAIServer:
@@ -164,7 +165,7 @@ class FakeOpenAIServer:
         except (ValueError, KeyError, TypeError, StopIteration):
             self._log(RequestRecord(t, "", None, 400, auth_ok, None))
             return h.reply(400, {"error": {"message": "bad request"}})
-        fault = self._fault(h, RequestRecord(t, key, None, 0, auth_ok, truth))
+        fault = self._fault(h, RequestRecord(t, key, None, 0, auth_ok, truth, body))
         if fault == "answered":
             return
         behaviour = fault if fault in ("garbage", "always_a") else self.mode
@@ -184,7 +185,7 @@ class FakeOpenAIServer:
         except (ValueError, KeyError, TypeError, AttributeError):
             self._log(RequestRecord(t, "", None, 400, auth_ok, None))
             return h.reply(400, {"error": {"message": "bad request"}})
-        if self._fault(h, RequestRecord(t, key, None, 0, auth_ok, None)) == "answered":
+        if self._fault(h, RequestRecord(t, key, None, 0, auth_ok, None, body)) == "answered":
             return
         choices = [{"index": j, "text": f"{prompt} #{j}", "finish_reason": "stop"} for j in range(n)]
         h.reply(200, {"id": f"cmpl-{key}", "object": "text_completion", "model": body.get("model", self.model),

@@ -341,6 +341,10 @@ case("cli/missing-config", "error:", "missing.yaml: config file not found")(
     lambda c: c.cli("offline", "--config", str(c.tmp / "missing.yaml")))
 case("cli/negative-beta", "error:", "train.loss.beta: Input should be greater than 0")(
     lambda c: c.cli("cycle", "--config", str(c.config()), "--set", "train.loss.beta=-1"))
+case("cli/judge-audit-no-pairs", "error:", "online.judge.audit.pairs: Input should be greater than 0")(
+    lambda c: c.cli("judge", "audit", "--config", str(c.config()), "--set", "online.judge.audit.pairs=0"))
+case("cli/judge-audit-threshold-out-of-range", "error:", "online.judge.audit.min_agreement: Input should be less than or equal to 1")(
+    lambda c: c.cli("judge", "audit", "--config", str(c.config()), "--set", "online.judge.audit.min_agreement=1.5"))
 case("cli/unknown-key", "error:", "online.judge.kindd: Extra inputs are not permitted")(
     lambda c: c.cli("cycle", "--config", str(c.config()), "--set", "online.judge.kindd=rule"))
 case("cli/budget-zero", "error:", "online.controller.kl_budget: Input should be greater than 0")(

@@ -25,7 +25,7 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from _faults import small_overrides  # noqa: E402
 
 from offline.checkpoint import is_complete  # noqa: E402
-from orchestrator.report import check_claims, run_report, verdict  # noqa: E402
+from orchestrator.report import check_claims, judge_columns, run_report, verdict, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -59,6 +59,24 @@ def test_a_probe_within_its_budget_tests_nothing():
     probe = row("budget probe", 0.7, 0.45, -0.1, 0.01, "yes")  # KL estimate within its noise
     claim = check_claims(rows, probe)[-1]
     assert claim["holds"] is None and "not tested" in claim["evidence"]
+
+
+def test_each_cycle_row_carries_its_judge_counters_and_trained_mix(tmp_path):
+    cycle = {"judge": {"judge/asked": 40.0, "judge/judgments": 30.0, "judge/ties": 8.0, "judge/position_conflicts": 5.0,
+                       "judge/unparseable": 1.0, "judge/dropped": 10.0, "judge/retries": 2.0, "judge/cost_usd": 0.25,
+                       "judge/neutralised": 3.0},
+             "mix": {"train/fresh_pairs": 48.0, "train/anchor_pairs": 16.0},
+             "audit": {"agreement": {"value": 0.8}}, "flags": ["reward hacking suspected: ..."]}
+    cols = judge_columns(cycle)
+    assert cols["judge/asked"] == 40.0 and cols["judge/position_conflicts"] == 5.0 and cols["train/anchor_pairs"] == 16.0
+    assert cols["judge_audit/agreement"] == 0.8 and cols["flags"] == "reward hacking suspected: ..."
+    assert math.isnan(judge_columns({"judge": {}})["judge/asked"]) and judge_columns({})["flags"] == "-"
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), {**row("cycle 1", 0.6, 0.5, 1.0, 4, "yes"), **cols}]
+    meta = {"date": "d", "machine": "m", "config": "c", "seed": 0, "cycles": 1, "covered": [], "seconds": 1.0}
+    md = write_report(tmp_path, [{**r, "reward/mean": 0.5} for r in rows], [], meta)["md"].read_text()
+    table = md.split("## Judge and training mix per cycle", 1)[1].split("## ", 1)[0]
+    assert "| cycle 1 | 40.0000 | 30.0000 | 8.0000 | 5.0000 | 1.0000 | 10.0000 | 2.0000 | 0.2500 | 3.0000 | 48.0000 | 16.0000 |" in table
+    assert "| initial |" not in table
 
 
 def test_claims_are_not_measurable_without_covered_or_held_out_categories():
@@ -143,7 +161,8 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
             "online": {
                 "prompts": {"path": str(mt), "sample_per_cycle": 4},
                 "generation": {"max_new_tokens": 10, "batch_size": 8},
-                "judge": {"llm": {"base_url": judge.base_url, "concurrency": 4}},
+                # The "shorter" stand-in is no judge of HH-RLHF preferences: audited, labelling anyway.
+                "judge": {"llm": {"base_url": judge.base_url, "concurrency": 4}, "audit": {"enforce": False}},
                 "train_pairs": 4, "eval_max_prompts": 3, "kl_prompts": 2,
                 "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-5, "save_every": None},
             },
