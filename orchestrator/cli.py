@@ -291,11 +291,12 @@ def _user_errors() -> Iterator[None]:
     from online.judge import JudgeAPIError
     from online.prompts import PromptError
     from orchestrator.config import ConfigError
+    from orchestrator.tracking import TrackingError
 
     try:
         yield
     except (ConfigError, DataError, PromptError, ReplayBufferError, RedisServerMissing, RedisServerError,
-            JudgeAPIError, GenerationError, NoCurrentPolicy) as exc:
+            JudgeAPIError, GenerationError, NoCurrentPolicy, TrackingError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
