@@ -5,7 +5,7 @@ subprocess creating the pool and the deployment, `prefect worker start --pool` i
 subprocess, the session's redis-server, and the demo policy as the current policy. Two runs are
 triggered at once through the API; with `--collision cancel-new` and the deployment's limit of
 one, one completes a refresh cycle and the other is cancelled by the server, so the registry
-records exactly one cycle.
+records exactly one cycle. The unit tests above it build the deployment without a server.
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ import httpx
 import pytest
 import yaml
 
-from _faults import prepare_state, small_overrides
-from _prefect_server import ROOT, _kill_group, child_env, eventually, prefect_server, run_tether
-from offline.registry import PolicyRegistry
-from orchestrator.config import _deep_merge
+from orchestrator.runtime import configure_prefect
 
-pytestmark = pytest.mark.slow
+configure_prefect()
 
+from _faults import prepare_state, small_overrides  # noqa: E402
+from _prefect_server import ROOT, _kill_group, child_env, eventually, prefect_server, run_tether  # noqa: E402
+from offline.registry import PolicyRegistry  # noqa: E402
+from orchestrator import schedule  # noqa: E402
+from orchestrator.config import _deep_merge  # noqa: E402
+
+CONFIG = ROOT / "configs" / "demo.yaml"
 POOL = "tether-gpu"
 DEPLOYMENT = "refresh-cycle/demo-refresh"
 
@@ -49,6 +53,27 @@ def schedule_args(config: Path, *extra: str) -> list[str]:
     return ["schedule", "--config", str(config), "--pool", POOL, "--cron", "0 0 1 1 *", *extra]
 
 
+def test_a_pool_deployment_imports_the_flow_and_allows_one_run_at_a_time(tmp_path):
+    dep = schedule.build_deployment(CONFIG, "demo", every="6h", cron=None, pool="gpu", collision="cancel-new",
+                                    working_dir=tmp_path)
+    assert dep.work_pool_name == "gpu"
+    assert dep.entrypoint == "orchestrator.flows.refresh_cycle"
+    assert dep.concurrency_limit == 1 and dep.concurrency_options.collision_strategy.value == "CANCEL_NEW"
+    assert dep.job_variables == {"working_dir": str(tmp_path.resolve())}
+    served = schedule.build_deployment(CONFIG, "demo", every="6h", cron=None)
+    assert served.work_pool_name is None and served.concurrency_limit is None
+
+
+def test_pool_options_are_checked():
+    with pytest.raises(schedule.ScheduleError, match="enqueue, cancel-new"):
+        schedule.build_deployment(CONFIG, "demo", every="6h", cron=None, pool="gpu", collision="drop")
+    with pytest.raises(schedule.ScheduleError, match="go with --pool"):
+        schedule.build_deployment(CONFIG, "demo", every="6h", cron=None, collision="cancel-new")
+    with pytest.raises(schedule.ScheduleError, match="go with --pool"):
+        schedule.build_deployment(CONFIG, "demo", every="6h", cron=None, working_dir=Path("/srv"))
+
+
+@pytest.mark.slow
 def test_a_worker_on_the_pool_runs_one_cycle_at_a_time(tmp_path, redis_url):
     state_dir = tmp_path / "state"
     config = write_config(tmp_path, state_dir, redis_url)
