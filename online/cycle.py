@@ -221,8 +221,11 @@ def run_cycle(
     *,
     step: Callable[[str, F], F] = identity_step,
     progress: bool = True,
+    on_train_step: Callable[[dict], None] | None = None,
 ) -> CycleReport:
-    """One refresh cycle under the caller's lock; returns what it did and decided."""
+    """One refresh cycle under the caller's lock; returns what it did and decided.
+
+    `on_train_step` is the training loop's `on_step` hook (e.g. an experiment tracker's)."""
     online, state_dir, name = inputs.online, inputs.state_dir, inputs.name
     train_cfg = inputs.cycle_train
     seconds: dict[str, float] = {}
@@ -273,7 +276,7 @@ def run_cycle(
         })
         resume_dir = state_dir / "resume" / f"cycle-{name}-{index}-{parent.id[:8]}"
         result = step("train", train_policy)(
-            policy, training_set.pairs, training_set.reference_logps, cycle_cfg, resume_dir, None, progress,
+            policy, training_set.pairs, training_set.reference_logps, cycle_cfg, resume_dir, on_train_step, progress,
         )
     with _timed(seconds, "eval"):
         after = step("evaluate-candidate", evaluate_candidate)(
@@ -332,6 +335,7 @@ def run_cycle_locked(
     step: Callable[[str, F], F] = identity_step,
     progress: bool = True,
     on_acquired: Callable[[], None] | None = None,
+    on_train_step: Callable[[dict], None] | None = None,
 ) -> CycleReport:
     """`run_cycle` under the family's cycle lock (Redis, TTL + heartbeat), so exactly one
     cycle trains at a time. Raises `buffer.lock.LockHeld` when another cycle holds the lock
@@ -343,4 +347,4 @@ def run_cycle_locked(
     ):
         if on_acquired is not None:
             on_acquired()
-        return run_cycle(inputs, buffer, step=step, progress=progress)
+        return run_cycle(inputs, buffer, step=step, progress=progress, on_train_step=on_train_step)

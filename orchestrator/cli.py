@@ -282,8 +282,14 @@ def schedule(
     pause: bool = typer.Option(False, help="Pause the schedule of this config's deployment."),
     resume: bool = typer.Option(False, help="Resume the schedule of this config's deployment."),
     no_serve: bool = typer.Option(False, "--no-serve", help="Create/update the deployment, then exit."),
+    pool: Optional[str] = typer.Option(None, help="Deploy to this Prefect process work pool (created if missing) "
+                                       "instead of serving here; run it with `prefect worker start --pool NAME`."),
+    collision: str = typer.Option("enqueue", help="With --pool: a run due while one runs is queued "
+                                  "(enqueue) or cancelled (cancel-new)."),
+    workdir: Optional[Path] = typer.Option(None, help="With --pool: working dir of the worker's flow runs, "
+                                           "as the worker machine sees it (default: this directory)."),
 ) -> None:
-    """Schedule periodic refresh cycles: a Prefect deployment of the cycle flow, served here."""
+    """Schedule periodic refresh cycles: a Prefect deployment of the cycle flow, served here or by a work pool."""
     cfg = _load(config, None)
     from orchestrator import schedule as sched
 
@@ -296,10 +302,16 @@ def schedule(
         if pause or resume:
             console.print(sched.set_paused(cfg.name, paused=pause))
             return
-        dep = sched.build_deployment(config, cfg.name, every=every, cron=cron)
+        dep = sched.build_deployment(config, cfg.name, every=every, cron=cron, pool=pool, collision=collision,
+                                     working_dir=workdir)
+        if pool is not None and sched.ensure_process_pool(pool):
+            console.print(f"process work pool [bold]{pool}[/bold] created")
         dep_id = sched.apply(dep)
         console.print(f"deployment [bold]{sched.deployment_name(cfg.name)}[/bold] ({dep_id}) created/updated")
-        if not no_serve:
+        if pool is not None:
+            console.print(f"on work pool {pool} (one run at a time, collision: {collision}); run it on the GPU "
+                          f"machine with: [bold]prefect worker start --pool {pool}[/bold]")
+        elif not no_serve:
             console.print("serving it: scheduled runs execute here until Ctrl-C")
             sched.serve(dep)
     except sched.ScheduleError as exc:
@@ -345,11 +357,12 @@ def _user_errors() -> Iterator[None]:
     from online.judge import JudgeAPIError
     from online.prompts import PromptError
     from orchestrator.config import ConfigError
+    from orchestrator.tracking import TrackingError
 
     try:
         yield
     except (ConfigError, DataError, PromptError, ReplayBufferError, RedisServerMissing, RedisServerError,
-            JudgeAPIError, JudgeAuditFailed, GenerationError, NoCurrentPolicy) as exc:
+            JudgeAPIError, JudgeAuditFailed, GenerationError, NoCurrentPolicy, TrackingError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 

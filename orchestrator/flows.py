@@ -16,6 +16,7 @@ import hashlib
 import json
 import shutil
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -30,6 +31,7 @@ from offline.reference import ensure_reference_logps
 from offline.registry import PolicyRegistry
 from orchestrator.artifacts import audit_markdown, config_markdown, markdown_table, metrics_rows, sparkline
 from orchestrator.config import TetherConfig, load_config, redacted_dump
+from orchestrator.tracking import RunTracker, cycle_metrics, open_run
 
 if TYPE_CHECKING:
     from online.config import CycleInputs
@@ -54,6 +56,16 @@ def resolve_config(
     else parsed from `config_path` + `overrides`. Parsing once per command means every stage
     of `tether demo` runs on the same resolved config, even if the file changes meanwhile."""
     return config if config is not None else load_config(config_path, overrides)
+
+
+def tracker_run(cfg: TetherConfig, kind: str) -> AbstractContextManager[RunTracker]:
+    """This flow run's experiment-tracker run (`orchestrator.tracking`): named after the flow
+    run, tagged with its id; a no-op when `tracking.backends` is empty."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    return open_run(cfg, kind=kind, run_name=run.name if run else None, flow_run_id=str(run.id) if run else None)
 
 
 def _task(name: str) -> Callable[[F], F]:
@@ -106,9 +118,11 @@ def eval_metrics(prefix: str, ev: pipeline.Evaluation) -> dict[str, float]:
     return out
 
 
-def run_offline(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
-    """The offline baseline body, shared by the flow (`offline_baseline`) and `tether demo`."""
+def run_offline(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | None = None) -> dict[str, Any]:
+    """The offline baseline body, shared by the flow (`offline_baseline`) and `tether demo`;
+    `tracker` gets every training step and the held-out evaluation before and after."""
     logger = get_run_logger()
+    tracker = tracker or RunTracker()
     resolved = redacted_dump(cfg)
     state = cfg.state_dir
 
@@ -127,8 +141,10 @@ def run_offline(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
     before = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
 
     resume_dir = state / "resume" / f"offline-{dataset.fingerprint[:8]}-{config_key(resolved)}"
-    result = train_task(policy, toks.train, ref, cfg.train, resume_dir, None, progress)
+    tracker.log(eval_metrics("eval", before), step=0)
+    result = train_task(policy, toks.train, ref, cfg.train, resume_dir, tracker.log_train_step, progress)
     after = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
+    tracker.log(eval_metrics("eval", after), step=result.steps)
 
     metrics: dict[str, Any] = {
         "train/steps": result.steps,
@@ -202,7 +218,9 @@ def offline_baseline(
     config: TetherConfig | None = None,
 ) -> dict[str, Any]:
     """Train the offline-only baseline from a static preference dataset and promote it."""
-    out = run_offline(resolve_config(config_path, overrides, config), progress=progress)
+    cfg = resolve_config(config_path, overrides, config)
+    with tracker_run(cfg, "offline") as tracker:
+        out = run_offline(cfg, progress=progress, tracker=tracker)
     return {k: v for k, v in out.items() if k not in ("before", "after")}
 
 
@@ -284,21 +302,24 @@ def cycle_markdown(report: "CycleReport") -> str:
     ])
 
 
-def run_refresh(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
-    """One refresh cycle under the cycle lock (skips, and says so, when another one holds it)."""
+def run_refresh(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | None = None) -> dict[str, Any]:
+    """One refresh cycle under the cycle lock (skips, and says so, when another one holds it);
+    `tracker` gets its training steps and, at step = the cycle's index, `cycle_metrics`."""
     from buffer.lock import LockHeld
     from buffer.store import open_buffer
     from online.audit import JudgeAuditFailed
     from online.cycle import run_cycle_locked
 
     logger = get_run_logger()
+    tracker = tracker or RunTracker()
     inputs = cycle_inputs(cfg)
     audit_cfg = inputs.online.judge.audit
     with open_buffer(cfg.buffer, cfg.state_dir) as buf:
         try:
-            report = run_cycle_locked(inputs, buf, step=as_task, progress=progress)
+            report = run_cycle_locked(inputs, buf, step=as_task, progress=progress, on_train_step=tracker.log_train_step)
         except LockHeld as exc:
             logger.warning("skipping this cycle: another refresh cycle is running (%s)", exc)
+            tracker.log_text("cycle/skipped", str(exc))
             create_markdown_artifact(f"# Cycle skipped\n\n{exc}", key="refresh-cycle-skipped")
             return {"skipped": True, "reason": str(exc)}
         except JudgeAuditFailed as exc:
@@ -314,6 +335,8 @@ def run_refresh(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
         report.index, "promoted" if report.promoted else "rolled back",
         report.kl.get("kl/policy_ref", float("nan")), report.kl_budget, report.before["mean"], report.after["mean"],
     )
+    tracker.log(cycle_metrics(report), step=report.index)
+    tracker.log_text("cycle/gate", ("promoted: " if report.promoted else "not promoted: ") + "; ".join(report.reasons))
     create_markdown_artifact(cycle_markdown(report), key="refresh-cycle-metrics", description=f"Cycle {report.index}")
     create_table_artifact(
         metrics_rows({"promoted": report.promoted, **report.kl, **report.judge, **report.mix}),
@@ -332,7 +355,9 @@ def refresh_cycle(
     config: TetherConfig | None = None,
 ) -> dict[str, Any]:
     """Refresh the current policy online: generate, judge, buffer, train under the KL budget, gate."""
-    return run_refresh(resolve_config(config_path, overrides, config), progress=progress)
+    cfg = resolve_config(config_path, overrides, config)
+    with tracker_run(cfg, "cycle") as tracker:
+        return run_refresh(cfg, progress=progress, tracker=tracker)
 
 
 @flow(name="judge-audit", flow_run_name="judge-audit-{run_label}", **FLOW_RESULTS)
