@@ -235,7 +235,7 @@ def test_redis_start_rewrites_an_aof_whose_torn_tail_it_cut(tmp_path):
     buf = ReplayBuffer.connect(cfg, url=url)
     try:
         assert buf.stats().per_cycle == {0: 100, 2: 50}
-        assert buf.connection.client.hlen(f"{cfg.namespace}:pairs") == 150
+        assert buf.connection.client.hlen(buf.connection.key("pairs")) == 150
         assert_consistent(buf)
     finally:
         buf.close()
