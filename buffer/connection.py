@@ -226,6 +226,11 @@ class BufferConnection:
         if isinstance(self.client, RedisCluster):
             facts = [self.facts(node) for node in self.client.get_nodes()]
         else:
+            if int(self._info_or_empty("cluster", None).get("cluster_enabled", 0) or 0):
+                raise BufferUnavailable(
+                    f"Redis at {self.url} is a node of a Redis Cluster: set buffer.cluster: true so tether "
+                    f"uses the cluster client (a plain client gets MOVED for keys on other nodes)"
+                )
             facts = [self.facts()]
         verdict = assess(facts, allow_eviction=self.cfg.allow_eviction, require_durable=self.cfg.require_durable)
         for refusal in verdict.refusals:

@@ -115,13 +115,14 @@ def _state(value: bool | None) -> str:
 
 
 def format_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB' (binary units, as Redis' own `*_human` fields)."""
+    """1536 -> '1.50 KiB' (binary units, as Redis' own `*_human` fields; two decimals, so a used
+    memory just over maxmemory does not print as equal to it)."""
     size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.2f} {unit}"
         size /= 1024
-    raise AssertionError("unreachable")
+    return f"{size:.2f} TiB"
 
 
 def full_message(facts: ServerFacts | None) -> str:

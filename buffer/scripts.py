@@ -244,6 +244,13 @@ if missing then return missing end
 return drop_anchor(ARGV[1], ARGV[3])
 """
 
+# KEYS: groups, version. Returns {groups as HGETALL gives them, version or nil}: one consistent
+# read. (Not a MULTI: Redis refuses to queue even reads inside MULTI while it is over
+# maxmemory, and a full buffer must stay readable for training.)
+GROUPS_LUA = """
+return {redis.call('HGETALL', KEYS[1]), redis.call('GET', KEYS[2])}
+"""
+
 # KEYS: version, groups, pairs, then the index keys that picks' k (1-based) refers to.
 # ARGV: expected version, picks "<k>,<rank>;<k>,<rank>;..." (few, flat arguments: packing costs
 #       per argument). The JSON blobs come back as HMGET returns them: joining them in Lua would

@@ -122,6 +122,7 @@ class ReplayBuffer:
         self._seed_begin = client.register_script(scripts.SEED_BEGIN_LUA)
         self._seed_abort = client.register_script(scripts.SEED_ABORT_LUA)
         self._fetch = client.register_script(scripts.FETCH_LUA)
+        self._read_groups = client.register_script(scripts.GROUPS_LUA)
 
     @classmethod
     def connect(cls, cfg: BufferConfig, *, url: str | None = None) -> ReplayBuffer:
@@ -347,10 +348,8 @@ class ReplayBuffer:
     @translating_errors
     def groups(self) -> tuple[list[Group], str]:
         """The buffer's contents as mixing groups, and the version they were read at."""
-        pipe = self._client.pipeline(transaction=True)  # one slot: a MULTI on a cluster node too
-        pipe.hgetall(self._groups)
-        pipe.get(self._version)
-        raw, version = pipe.execute()
+        flat, version = self._read_groups(keys=[self._groups, self._version])
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
         self._remember_groups(raw)
         self._groups_cache = (_parse_groups(raw), version or "0")
         return self._groups_cache

@@ -5,6 +5,8 @@ Contract:
   each in its own directory under `tmp_dir`), joins them with `redis-cli --cluster create ...
   --cluster-replicas 0 --cluster-yes`, waits until every node reports `cluster_state:ok`, yields
   the seed node's `redis://127.0.0.1:<port>/0` URL, and kills every node on exit (always).
+- `cluster_fixture` is that as the module-scoped pytest fixture `cluster` (import it into a
+  test module, then take `cluster` as an argument): the servers, seed first.
 - `plain_redis(tmp_dir, *args)` starts one `redis-server` with the extra `args` (e.g.
   `--maxmemory-policy allkeys-lru`), yields it, and kills it on exit.
 
@@ -137,4 +139,11 @@ def redis_cluster(directory: Path, nodes: int = 3) -> Iterator[list[Server]]:
             if time.monotonic() > deadline:
                 raise RuntimeError("the cluster did not reach cluster_state:ok within 30 s")
             time.sleep(0.1)
+        yield servers
+
+
+@pytest.fixture(scope="module", name="cluster")
+def cluster_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Server]]:
+    """A 3-node cluster for the test module, killed after its last test."""
+    with redis_cluster(tmp_path_factory.mktemp("cluster")) as servers:
         yield servers
