@@ -35,7 +35,7 @@ from typing import Any, Protocol, TypeVar, cast
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import ClusterError, RedisClusterException
 from redis.retry import Retry
 
 from buffer import layout
@@ -86,8 +86,12 @@ class BufferConnection:
         self.cfg = cfg
         self.url = redact_url(url)
         self.namespace = cfg.namespace
-        self.cluster = isinstance(client, RedisCluster)
         self._password = password  # only to scrub it from error text, never shown
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the client is redis-py's RedisCluster (`buffer.cluster`)."""
+        return isinstance(self.client, RedisCluster)
 
     @classmethod
     def connect(cls, cfg: BufferConfig, *, url: str | None = None) -> BufferConnection:
@@ -101,30 +105,17 @@ class BufferConnection:
         if target is None:
             raise ValueError("no Redis URL: set buffer.url or use open_buffer() to start a local redis-server")
         password = (os.environ.get(cfg.password_env) or None) if url is None else None
-        options: dict[str, Any] = dict(
-            password=password,
-            decode_responses=True,
-            retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), cfg.connect_retries),
-            socket_connect_timeout=5.0,
-            socket_timeout=60.0,  # replacing a large anchor is one long script
-            health_check_interval=30,
-        )
-        probe = cls(cast(Client, None), cfg, url=target, password=password)  # errors() before a client exists
-        client: Client
-        if cfg.cluster and url is None:
-            with probe.errors():  # RedisCluster asks the seed node for the slot map right here
-                client = RedisCluster.from_url(target, **options)
-        else:
-            client = redis.Redis.from_url(target, retry_on_error=[redis.ConnectionError, redis.TimeoutError], **options)
-        conn = cls(client, cfg, url=target, password=password)
+        conn = cls(cast(Client, None), cfg, url=target, password=password)
         try:
-            with conn.errors():
-                client.ping()
+            with conn.errors():  # also around building the client: RedisCluster reads the slot map then
+                conn.client = _client(target, password, cfg, cluster=cfg.cluster and url is None)
+                conn.client.ping()
                 conn._check_server()
                 if not conn.cluster:  # the old layout never ran on a cluster (its scripts could not)
                     layout.migrate_legacy_keys(conn)
         except BaseException:
-            client.close()
+            if conn.client is not None:
+                conn.client.close()
             raise
         log.info("replay buffer %s at %s%s", cfg.namespace, conn.url, " (cluster)" if conn.cluster else "")
         return conn
@@ -158,7 +149,7 @@ class BufferConnection:
             raise BufferFull(full_message(self._facts_or_none())) from None
         except redis.ResponseError as e:
             raise ReplayBufferError(f"Redis at {self.url} answered an error: {self._scrub(e)}") from e
-        except (RedisClusterException, redis.exceptions.ClusterError) as e:
+        except (RedisClusterException, ClusterError) as e:
             raise BufferUnavailable(
                 f"Redis Cluster for the replay buffer at {self.url} is unusable ({type(e).__name__}: "
                 f"{self._scrub(e)}); buffer.cluster: true needs buffer.url to name a node of a cluster in "
@@ -239,6 +230,21 @@ class BufferConnection:
             if text not in _WARNED:
                 _WARNED.add(text)
                 log.warning("%s", text)
+
+
+def _client(url: str, password: str | None, cfg: BufferConfig, *, cluster: bool) -> Client:
+    """A redis-py client for `url`: retries with backoff, timeouts, str replies."""
+    options: dict[str, Any] = dict(
+        password=password,
+        decode_responses=True,
+        retry=Retry(ExponentialBackoff(cap=2.0, base=0.05), cfg.connect_retries),
+        socket_connect_timeout=5.0,
+        socket_timeout=60.0,  # replacing a large anchor is one long script
+        health_check_interval=30,
+    )
+    if cluster:
+        return RedisCluster.from_url(url, **options)
+    return redis.Redis.from_url(url, retry_on_error=[redis.ConnectionError, redis.TimeoutError], **options)
 
 
 def _int_or_none(value: Any) -> int | None:
