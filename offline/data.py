@@ -237,7 +237,8 @@ def load_pairs(
     """Read, validate, normalise and de-duplicate one source.
 
     `source` is a DataConfig, or a path / 'hf:<id>' with DataConfig fields as keywords
-    (`format=`, `on_bad_record=`, `limit=`, ...). `tokenizer` is needed only for conversations (chat template).
+    (`format=`, `on_bad_record=`, `limit=`, ...). `tokenizer` is needed only for
+    conversations (their chat template).
     """
     if isinstance(source, DataConfig):
         cfg = DataConfig(**{**source.model_dump(), **config}) if config else source

@@ -6,14 +6,18 @@ Contract: `detect_format(record)` names the shape a record's keys and types say 
 file and line and decides error vs skip). Nothing here reads files. Formats (TRL's names in
 brackets, https://huggingface.co/docs/trl/dataset_formats):
 
-| format          | record                                                        | prompt                     |
-|-----------------|---------------------------------------------------------------|----------------------------|
-| `explicit`      | `prompt`, `chosen`, `rejected` strings [standard]             | `prompt`                   |
-| `implicit`      | `chosen`, `rejected` strings sharing a prefix [standard, implicit prompt] | their common prefix, cut at a word boundary |
-| `chat`          | `prompt` messages; `chosen`/`rejected` assistant turn(s) [conversational] | `prompt`, chat template |
-| `chat_implicit` | `chosen`, `rejected` whole conversations [conversational, implicit prompt] | the messages before the first that differs |
-| `ultrafeedback` | `prompt` string + whole conversations (HuggingFaceH4/ultrafeedback_binarized) | as chat_implicit; `prompt` must be one of its user turns |
-| `hh`            | `chosen`, `rejected` HH-RLHF dialogues (`\\n\\nHuman:` / `\\n\\nAssistant:`) | common prefix up to the last shared `\\n\\nAssistant:` |
+- `explicit` [standard]: `prompt`, `chosen`, `rejected` strings.
+- `implicit` [standard, implicit prompt]: `chosen`, `rejected` strings; the prompt is their
+  common prefix cut at a word boundary (`implicit_prompt_end`).
+- `chat` [conversational]: `prompt` a list of messages; `chosen`/`rejected` an assistant
+  message, a list of messages or a string.
+- `chat_implicit` [conversational, implicit prompt]: `chosen`/`rejected` whole conversations
+  (trl-lib/ultrafeedback_binarized); the prompt is the messages before the first that differs.
+- `ultrafeedback`: a `prompt` string plus whole conversations
+  (HuggingFaceH4/ultrafeedback_binarized); as chat_implicit, and `prompt` must be one of the
+  prompt messages' user turns.
+- `hh`: Anthropic HH-RLHF `chosen`/`rejected` dialogues; the prompt is their common prefix up
+  to the last shared `\n\nAssistant:`, each response keeps its leading space.
 
 Conversations (chat, chat_implicit, ultrafeedback) are rendered with the tokenizer's chat
 template: prompt = render(prompt messages, add_generation_prompt=True), response = the rest of
@@ -29,7 +33,6 @@ only in whitespace carry no preference (`identical_responses`).
 from __future__ import annotations
 
 import math
-import re
 from typing import Any, Callable, Literal
 
 from offline.pairs import PreferencePair
@@ -202,9 +205,6 @@ def common_prefix_length(a: str, b: str) -> int:
     return lo
 
 
-_LAST_SPACE_RUN = re.compile(r"\s+\S*\Z")
-
-
 def implicit_prompt_end(chosen: str, rejected: str) -> int:
     """Where the implicit prompt of two texts ends: the start of the last whitespace run in
     their common prefix, so the prompt ends on a word and each response keeps the whitespace
@@ -218,8 +218,12 @@ def implicit_prompt_end(chosen: str, rejected: str) -> int:
     cut where the texts differ, as TRL does. 0 when the texts share nothing.
     """
     n = common_prefix_length(chosen, rejected)
-    run = _LAST_SPACE_RUN.search(chosen, 0, n)
-    return run.start() if run is not None and run.start() > 0 else n
+    i = n
+    while i > 0 and not chosen[i - 1].isspace():  # back over the last (partial) word
+        i -= 1
+    while i > 0 and chosen[i - 1].isspace():  # ... and the whitespace before it
+        i -= 1
+    return i if i > 0 else n
 
 
 def _implicit(record: dict) -> PreferencePair:

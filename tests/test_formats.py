@@ -110,7 +110,6 @@ def test_h4_ultrafeedback_binarized_loads_with_its_scores(tmp_path, tok):
     loaded = load_pairs(write_lines(tmp_path / "uf.jsonl", H4_ULTRAFEEDBACK), tokenizer=tok)
     assert loaded.format == "ultrafeedback" and loaded.skipped == {}
     first, tie = loaded.pairs
-    record = H4_ULTRAFEEDBACK[0]
     assert first.prompt == "<|user|>How can I build a habit of drawing every day?<|end|>\n<|assistant|>"
     assert first.chosen == "Start small: ten minutes after breakfast, in the same sketchbook.<|end|>\n"
     assert first.rejected == "As an AI I cannot draw, but habits are good.<|end|>\n"
@@ -378,3 +377,13 @@ def test_hh_keeps_its_lone_space_reply(tmp_path):
     record = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: "}
     (pair,) = load_pairs(write_lines(tmp_path / "hh.jsonl", [record])).pairs
     assert (pair.prompt, pair.chosen, pair.rejected) == ("\n\nHuman: a\n\nAssistant:", " b", " ")
+
+
+def test_config_names_exactly_the_formats_there_are():
+    from typing import get_args
+
+    from offline.formats import Format, normaliser
+
+    assert set(get_args(DataConfig.model_fields["format"].annotation)) == {"auto", *get_args(Format)}
+    for fmt in get_args(Format):
+        assert callable(normaliser(fmt, byte_tokenizer()))
