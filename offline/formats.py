@@ -140,9 +140,13 @@ def _number(record: dict, key: str) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         got = type_name(value)
         raise BadRecord("wrong_type", key, f"expected a finite number or null, got {got}")
-    if not math.isfinite(value):
-        raise BadRecord("wrong_type", key, f"expected a finite number or null, got {value}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an int beyond float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise BadRecord("wrong_type", key, f"expected a finite number or null, got {number}")
+    return number
 
 
 def _scores(record: dict) -> dict[str, float | None]:

@@ -279,6 +279,10 @@ def conv_bad_cases():
          "rejected", "identical_responses", "only in whitespace"),
         (STANDARD_IMPLICIT, {**STANDARD_IMPLICIT[0], "margin": float("nan")}, "margin",
          "wrong_type", "expected a finite number or null, got nan"),
+        (STANDARD_IMPLICIT, {**STANDARD_IMPLICIT[0], "margin": 10**400}, "margin",
+         "wrong_type", "expected a finite number or null, got inf"),
+        (STANDARD_IMPLICIT, {**STANDARD_IMPLICIT[0], "margin": True}, "margin",
+         "wrong_type", "expected a finite number or null, got bool"),
     ]
 
 
