@@ -114,8 +114,15 @@ class DataConfig(Section):
     """Local .jsonl, .jsonl.gz or .parquet file (relative to the cwd), or 'hf:<hub id>'."""
     hub_split: str = Field(default="train", min_length=1)
     """Split to read when `path` is a hub id."""
-    format: Literal["auto", "explicit", "chat", "hh"] = "auto"
-    """Record shape; 'auto' detects it per file from the first JSON object's keys and types."""
+    format: Literal[
+        "auto", "explicit", "implicit", "chat", "chat_implicit", "ultrafeedback", "hh"
+    ] = "auto"
+    """Record shape (offline.formats): explicit = prompt/chosen/rejected strings; implicit =
+    chosen/rejected strings whose common prefix is the prompt; chat = a message-list prompt and
+    assistant responses; chat_implicit = chosen/rejected whole conversations whose shared first
+    messages are the prompt; ultrafeedback = a prompt string plus whole conversations
+    (HuggingFaceH4/ultrafeedback_binarized); hh = Anthropic HH-RLHF dialogues; 'auto' detects
+    it per file from the first JSON object's keys and types."""
     heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Fraction of pairs held out for evaluation (hash-based, independent of record order)."""
     split_seed: int = 0
@@ -126,6 +133,10 @@ class DataConfig(Section):
     """Prompt tokens kept (the last ones) before the response; must be below max_length."""
     on_bad_record: Literal["error", "skip"] = "error"
     """'error' stops at the first bad record; 'skip' drops bad records, counted per reason."""
+    min_score_margin: float | None = Field(default=None, allow_inf_nan=False)
+    """Drop pairs whose score margin (the `margin` column, else score_chosen - score_rejected)
+    is below this, counted in the coverage report; records without scores are then bad records.
+    None keeps every pair."""
     limit: int | None = Field(default=None, gt=0)
     """Keep only the first N valid, distinct pairs (smoke runs); None keeps all."""
 
