@@ -163,7 +163,8 @@ def describe_body(content_type: str, text: str) -> str:
     """A short, readable account of an answer's body for an error message (pure).
 
     An HTML page (a proxy's or load balancer's error page) is named by its title or first text
-    rather than quoted; a JSON error object by its message; anything else is quoted, cut short.
+    rather than quoted; a JSON error object by its message (OpenAI's `error.message`, FastAPI's
+    `detail`); anything else is quoted, cut short.
     """
     stripped = text.strip()
     if not stripped:
@@ -178,6 +179,8 @@ def describe_body(content_type: str, text: str) -> str:
         return repr(stripped[:200])
     error = data.get("error") if isinstance(data, dict) else None
     message = error.get("message") if isinstance(error, dict) else error
+    if not message and isinstance(data, dict) and isinstance(data.get("detail"), str):
+        message = data["detail"]  # FastAPI's error body (`transformers serve`, many proxies)
     return repr(str(message)[:200]) if message else repr(stripped[:200])
 
 
