@@ -113,6 +113,19 @@ class GenerationConfig(Section):
     """openai backend: re-sends after a 408/409/425/429/5xx, a timeout, a connection error or a malformed reply."""
     retry_backoff_s: float = Field(default=0.5, ge=0.0)
     """openai backend: first retry delay, doubled each retry up to 30 s, with jitter (see `online.http`)."""
+    api: Literal["completions", "chat"] = "completions"
+    """openai backend: `completions` sends the prompt text as is to `/completions` (it already
+    carries the chat template: the server continues exactly what the trainer scores); `chat`
+    sends it as one user message to `/chat/completions`, for servers without `/completions`
+    (the server applies its own template, so `prompts.chat_template` must be off)."""
+    token_ids_prompt: bool = False
+    """openai backend, `api: completions`: send the prompt as token ids (the policy tokenizer's,
+    no special tokens) instead of text, so the server cannot tokenise it differently. vLLM's
+    server accepts this; servers that take only text (`transformers serve`) answer 4xx."""
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """openai backend: extra JSON fields for every request, for a server's own sampling knobs,
+    e.g. `{"top_k": -1}` (vLLM) or `{"generation_config": "{\"do_sample\": true, \"top_k\": 0}"}`
+    (`transformers serve`, which otherwise decodes greedily). May not set a field tether sets."""
     vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=0.95)
     """vllm backend: the share of the GPU's memory vLLM may take (weights + KV cache). The
     policy being trained is on the same GPU in the same process, and vLLM refuses to start when
@@ -127,7 +140,20 @@ class GenerationConfig(Section):
             raise ValueError(
                 "generation.backend 'openai' needs generation.base_url (e.g. http://localhost:8000/v1)"
             )
+        if self.token_ids_prompt and self.api != "completions":
+            raise ValueError("generation.token_ids_prompt needs generation.api 'completions' (chat takes messages)")
+        clash = sorted(set(self.extra_body) & GENERATION_REQUEST_FIELDS)
+        if clash:
+            raise ValueError(
+                f"generation.extra_body may not set {clash}: tether sets them from the generation section"
+            )
         return self
+
+
+GENERATION_REQUEST_FIELDS = frozenset(
+    {"model", "prompt", "messages", "n", "temperature", "top_p", "max_tokens", "seed"}
+)
+"""The fields of a generation request that come from `GenerationConfig` (see `online.generate`)."""
 
 
 class LLMJudgeConfig(Section):
@@ -273,6 +299,17 @@ class OnlineConfig(Section):
     """When another cycle holds the lock: skip this run (and say so), or wait for it."""
     wait_timeout_s: float | None = Field(default=None, gt=0)
     """With on_busy=wait: give up after this long (None: wait as long as it takes)."""
+
+    @model_validator(mode="after")
+    def _one_chat_template(self) -> OnlineConfig:
+        gen = self.generation
+        if gen.backend == "openai" and gen.api == "chat" and self.prompts.chat_template:
+            raise ValueError(
+                "generation.api 'chat' with prompts.chat_template: the server applies the chat template "
+                "to the message, which would then be templated twice; set prompts.chat_template: false "
+                "(or use generation.api: completions, which sends the templated text as is)"
+            )
+        return self
 
 
 @dataclass

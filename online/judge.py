@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -65,6 +66,7 @@ from offline.atomic import atomic_write_json
 from online.config import JudgeConfig, LLMJudgeConfig
 from online.cost import Budget, CostMeter
 from online.http import RequestFailed, RetryPolicy, apost_json, auth_headers
+from online.replies import chat_reply
 from online.judge_prompt import (
     TEMPLATE_VERSION,
     Verdict,
@@ -378,7 +380,9 @@ class LLMJudge:
                 lambda: self._payload(prompt, response_a, response_b),
                 self._policy,
                 rng=self._rng,
-                parse=_chat_reply,
+                parse=functools.partial(
+                    _chat_reply, need_usage=bool(self.cfg.price_prompt_per_mtok or self.cfg.price_completion_per_mtok)
+                ),
                 on_send=before_send,
                 on_reply=self._count_reply,
             )
@@ -410,9 +414,15 @@ class _OverBudget(Exception):
     """Raised before a send when the budget refuses it: the request is not sent."""
 
 
-def _chat_reply(body: Any) -> tuple[Any, Any]:
-    """(message content, usage) of a chat completion; a KeyError/IndexError/TypeError if malformed."""
-    return body["choices"][0]["message"]["content"], body.get("usage")
+def _chat_reply(body: Any, need_usage: bool = False) -> tuple[Any, Any]:
+    """(message content, usage) of a chat completion (`online.replies.chat_reply`).
+
+    A wrong `object`, missing or empty `choices` or a choice without a `message` raises
+    `ReplyError` saying so (retried, then the pair's error names the redacted endpoint and
+    what was wrong); `need_usage` (the judge prices tokens) makes a reply without token
+    counts malformed too, since the budget could not meter it.
+    """
+    return chat_reply(body, need_usage=need_usage)
 
 
 @contextlib.asynccontextmanager

@@ -274,3 +274,34 @@ def test_sync_wrapper_refuses_a_running_loop_and_async_api_works(server):
 
     judgments, stats = asyncio.run(inside())
     assert len(judgments) == 2 and stats.calls == 4
+
+
+@pytest.mark.parametrize("fault, what", [
+    ("wrong_object", "HTTP 200 reply does not have the expected shape: ReplyError: `object` is 'list', "
+                     "expected 'chat.completion'"),
+    ("missing_choices", "ReplyError: no `choices` in the reply (the server says: 'upstream model overloaded')"),
+    ("no_choices", "ReplyError: `choices` is empty"),
+    ("malformed", "HTTP 200 reply is not JSON: an HTML page ('upstream hiccup')"),
+    ("truncated", "HTTP 200 reply is not JSON: '{\"id\": \"cmpl-1\""),
+    ("html_502", "HTTP 502: an HTML page ('502 Bad Gateway')"),
+])
+def test_bad_replies_fail_the_pair_with_the_endpoint_and_what_was_wrong(server, caplog, fault, what):
+    """A reply that is not a chat completion is never a verdict: the pair is an error (after
+    the retries), and the warning names the endpoint and exactly what was wrong."""
+    server.script(fault, fault)  # both orders of the one pair, no retries
+    with caplog.at_level(logging.WARNING, logger="online.judge"):
+        judgments, stats = make_judge(server, concurrency=1, max_retries=0).judge_generations(gens(1))
+    assert judgments == [] and (stats.errors, stats.judgments, stats.unparseable, stats.ties) == (1, 0, 0, 0)
+    failures = [r.getMessage() for r in caplog.records if "failed for good" in r.getMessage()]
+    assert failures and all(f"{server.base_url}/chat/completions: HTTP " in m and what in m for m in failures), failures
+
+
+def test_a_priced_judge_refuses_replies_without_usage(server):
+    """Without `usage` a priced call would be metered as free and the budget never trip."""
+    server.script("no_usage", "no_usage")
+    judgments, stats = make_judge(server, concurrency=1, max_retries=0,
+                                  price_prompt_per_mtok=1.0).judge_generations(gens(1))
+    assert judgments == [] and stats.errors == 1
+    server.script("no_usage", "no_usage")  # unpriced: usage is not needed, the verdicts count
+    judgments, stats = make_judge(server, concurrency=1, max_retries=0).judge_generations(gens(1))
+    assert len(judgments) == 1 and stats.errors == 0 and stats.prompt_tokens == 0
