@@ -169,9 +169,12 @@ def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     if out.get("skipped"):
         console.print(f"[yellow]skipped:[/yellow] {out['reason']}")
         return
-    verdict = "[green]promoted[/green]" if out["promoted"] else "[red]not promoted (rolled back)[/red]"
+    verdict = ("[green]promoted[/green]" if out["promoted"]
+               else "[yellow]inconclusive, not promoted[/yellow]" if out.get("verdict") == "inconclusive"
+               else "[red]not promoted (rolled back)[/red]")
     console.print(f"cycle {out['index']}: {verdict}: " + "; ".join(out["reasons"]))
     print_metrics(f"cycle {out['index']}", {
+        **out.get("gate", {}),
         **{f"reward_before/{k}": v for k, v in out["before"].items()},
         **{f"reward_after/{k}": v for k, v in out["after"].items()},
         **out["kl"], "kl_budget": out["kl_budget"], **out["judge"], **out["mix"],
