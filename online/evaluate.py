@@ -108,13 +108,14 @@ def win_rate_summary(candidate: list[Generation], current: list[Generation], jud
         for c, b in zip(candidate, current) for rc, rb in zip(c.responses, b.responses)
     ]
     judgments, _ = build_judge(judge_cfg).judge_generations(pairs)
-    wins = {(j.prompt, j.chosen) for j in judgments}
-    losses = {(j.prompt, j.rejected) for j in judgments}
+    # A judgment names its comparison by (prompt, chosen, rejected): matching the whole triple
+    # keeps a response that won one comparison and lost another on the same prompt apart.
+    decided = {(j.prompt, j.chosen, j.rejected) for j in judgments}
     per: dict[str, WinCounts] = {}
     for g in pairs:
-        cand = g.responses[0]
-        outcome = (WinCounts(wins=1) if (g.prompt, cand) in wins else WinCounts(losses=1)
-                   if (g.prompt, cand) in losses else WinCounts(ties=1))
+        cand, cur = g.responses
+        outcome = (WinCounts(wins=1) if (g.prompt, cand, cur) in decided else WinCounts(losses=1)
+                   if (g.prompt, cur, cand) in decided else WinCounts(ties=1))
         cat = g.category or "(none)"
         per[cat] = per.get(cat, WinCounts()) + outcome
     return EvalSummary.from_counts(per, mean_response_tokens(candidate, tokenizer))
