@@ -46,7 +46,7 @@ from offline.tokenize import TokenizedPair, tokenize_pairs
 from online.config import CycleInputs, GenerationConfig, JudgeConfig
 from online.controller import next_mix
 from online.evaluate import evaluate_candidate, evaluate_current, finite, make_scorer
-from online.gate import EvalSummary, decide_promotion
+from online.gate import EvalSummary, Verdict, decide_promotion
 from online.generate import build_generator
 from online.judge import build_judge
 from online.prompts import Prompt, load_prompt_pool, sample_prompts
@@ -75,7 +75,7 @@ class CycleReport(BaseModel):
     reasons: list[str]
     checkpoint: CheckpointRef | None
     parent: CheckpointRef
-    verdict: str = "reject"
+    verdict: Verdict
     gate: dict[str, float] = Field(default_factory=dict)
     """The gate's numbers: decisive counts, bounds, threshold, length ratio (`gate/...`)."""
     gate_checks: list[dict[str, Any]] = Field(default_factory=list)

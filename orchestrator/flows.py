@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -249,8 +250,9 @@ def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
         "anchor_fraction next": h["next_anchor_fraction"],
         "judge/cost_usd": h["judge"].get("judge/cost_usd", 0.0),
     } for h in history]
-    kls = [r["kl/sequence"] for r in rows]
-    rewards = [r["reward after"] for r in rows]
+    # Cycles that did not train (too few labels) have no KL or reward: the charts skip them.
+    kls = [r["kl/sequence"] for r in rows if math.isfinite(r["kl/sequence"])]
+    rewards = [r["reward after"] for r in rows if math.isfinite(r["reward after"])]
     return "\n\n".join([
         "# KL and reward history",
         f"KL budget: {budget:g} nats/sequence.",

@@ -18,6 +18,16 @@ from offline.registry import PolicyRegistry
 from orchestrator.config import load_config
 
 
+def flows():
+    """orchestrator.flows, imported the way the app does (Prefect configured first)."""
+    from orchestrator.runtime import configure_prefect
+
+    configure_prefect()
+    from orchestrator import flows as module
+
+    return module
+
+
 def indifferent_judge(prompt: str, response: str) -> float:
     """A rule judge that scores every response alike: every pair a tie, no labels at all."""
     return 0.5
@@ -45,6 +55,10 @@ def test_a_judge_with_too_few_labels_does_not_train_and_the_next_cycle_goes_on(t
         assert state.completed == 1
         assert (state.anchor_fraction, state.beta) == (cfg.online.initial_anchor_fraction, cfg.online.train.loss.beta)
         assert state.history[-1]["verdict"] == "inconclusive" and state.history[-1]["reasons"] == report.reasons
+        # What the Prefect artifacts show for it (the flow's renderings, no flow run needed).
+        md, history = flows().cycle_markdown(report), flows().history_markdown(registry.history(), report.kl_budget)
+        assert "# Refresh cycle 1: INCONCLUSIVE, not promoted" in md and "No checkpoint (not trained)" in md
+        assert "| 1 | no (inconclusive) |" in history
 
         # The judge fixed (the task's rule), the next run is cycle 2: it trains and records the gate's evidence.
         report = locked_cycle(load_config(CONFIG, small_overrides(tmp_path, redis_url)), buf)

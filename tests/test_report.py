@@ -185,7 +185,8 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
                 "prompts": {"path": str(mt), "sample_per_cycle": 4},
                 "generation": {"max_new_tokens": 10, "batch_size": 8},
                 "judge": {"llm": {"base_url": judge.base_url, "concurrency": 4}},
-                "train_pairs": 4, "eval_max_prompts": 3, "kl_prompts": 2,
+                # 4 prompts x 2 samples give at most 4 labels: train on what there is.
+                "train_pairs": 4, "eval_max_prompts": 3, "kl_prompts": 2, "min_fresh_pairs": 1,
                 "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-5, "save_every": None},
             },
         }
@@ -198,6 +199,9 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
     assert judge.n_requests > 0 and all(r.auth_ok for r in judge.requests)
     cycle = res["stages"][2]
     assert 0.0 <= cycle["reward/mean"] <= 1.0
+    # 3 held-out prompts x 1 sample: at most 3 decisive judgments, never enough to promote.
+    assert cycle["gate/n"] <= 3 and cycle["gate/verdict"] in ("inconclusive", "reject")
+    assert cycle["promoted"] in ("no (inconclusive)", "no (rolled back)")
     ckpts = sorted((tmp_path / "report" / "state" / "checkpoints" / "smollm2").iterdir())
     assert [p.name.split("-")[0] for p in ckpts].count("cycle") == 2 and all(is_complete(p) for p in ckpts)
     # The trained checkpoints are plain HF models: transformers loads one and it still chats.
