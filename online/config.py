@@ -54,9 +54,18 @@ class GateConfig(Section):
     """When a candidate counts as a regression."""
 
     tolerance: float = Field(default=0.02, ge=0.0)
-    """Largest drop per category (reward units or win-rate points) that still promotes."""
+    """Largest drop per category (reward units or win-rate points) the gate accepts: the lower
+    confidence bound must be >= -tolerance (reward) or >= 0.5 - tolerance (win rate)."""
     metric: Literal["reward", "win_rate"] = "reward"
     """Compare rule/reward-model rewards, or the judge's win rate against the current policy."""
+    min_decisive: int = Field(default=30, ge=2)
+    """Fewest decisive judgments (win_rate: non-tie) or reward samples per compared category,
+    and overall, for a verdict; with fewer the cycle is inconclusive and not promoted."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    """Two-sided confidence of the interval whose lower end must clear the tolerance."""
+    max_length_ratio: float | None = Field(default=1.5, gt=1.0)
+    """Most the candidate's mean eval response length (tokens) may be over its parent's (1.5:
+    50% longer); above it the gate rejects (length drift games judges). None: no guard."""
 
 
 class PromptPoolConfig(Section):
@@ -285,6 +294,9 @@ class OnlineConfig(Section):
     """Pairs in each cycle's mixed training set."""
     train: TrainConfig | None = None
     """Training settings for cycles (None: the top-level `train` section)."""
+    min_fresh_pairs: int = Field(default=8, ge=0)
+    """Fewest labels the judge must produce in a cycle for it to train; with fewer the cycle is
+    recorded inconclusive (not trained, not promoted, the mix unchanged). 0: always train."""
     eval_samples: int = Field(default=2, ge=1)
     """Samples per held-out prompt when scoring a policy."""
     eval_max_prompts: int = Field(default=96, gt=0)

@@ -132,14 +132,18 @@ def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
     """The per-stage table of `tether demo` / `tether report`."""
     score = "reward" if metric == "reward" else "win rate vs the initial policy"
     table = Table(title=f"{score} on held-out prompts, and KL(policy || reference) vs budget")
-    heads = ["stage", "covered cats", "held-out cats", "KL (± s.e.)", "budget", "promoted"]
+    gate = any("gate/verdict" in r for r in rows)  # the report's rows carry the gate's evidence
+    heads = ["stage", "covered cats", "held-out cats", "KL (± s.e.)", "budget", "promoted"] + (
+        ["gate: n, lower bound vs threshold"] if gate else [])
     for h in heads:
         table.add_column(h, justify="left" if h in ("stage", "promoted") else "right")
     for r in rows:
         kl, se = r["kl/policy_ref"], r.get("kl/stderr", float("nan"))
+        n, lower, threshold = (r.get(k, float("nan")) for k in ("gate/n", "gate/lower_bound", "gate/threshold"))
         table.add_row(r["stage"], f"{r['reward/covered']:.3f}", f"{r['reward/heldout']:.3f}",
                       f"{kl:.3f}" + (f"±{se:.2f}" if math.isfinite(se) else ""), f"{r['kl_budget']:.3g}",
-                      str(r["promoted"]))
+                      str(r["promoted"]),
+                      *([f"n={n:.0f}, {lower:+.3f} vs {threshold:+.3f}" if math.isfinite(n) else "-"] if gate else []))
     console.print(table)
 
 
@@ -171,11 +175,14 @@ def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     if out.get("skipped"):
         console.print(f"[yellow]skipped:[/yellow] {out['reason']}")
         return
-    verdict = "[green]promoted[/green]" if out["promoted"] else "[red]not promoted (rolled back)[/red]"
+    verdict = ("[green]promoted[/green]" if out["promoted"]
+               else "[yellow]inconclusive, not promoted[/yellow]" if out.get("verdict") == "inconclusive"
+               else "[red]not promoted (rolled back)[/red]")
     console.print(f"cycle {out['index']}: {verdict}: " + "; ".join(out["reasons"]))
     for flag in out.get("flags") or []:
         console.print(f"[yellow]flag:[/yellow] {flag}")
     print_metrics(f"cycle {out['index']}", {
+        **out.get("gate", {}),
         **{f"reward_before/{k}": v for k, v in out["before"].items()},
         **{f"reward_after/{k}": v for k, v in out["after"].items()},
         **out["kl"], "kl_budget": out["kl_budget"], **out["judge"], **out["mix"],
@@ -338,7 +345,7 @@ def report(
         table.add_column(c)
     for c in res["claims"]:
         text = verdict(c["holds"])
-        colour = {"yes": "green", "NO": "red", "n/a": "yellow"}[text]
+        colour = {"yes": "green", "NO": "red", "not shown": "yellow"}[text]
         table.add_row(c["claim"], f"[{colour}]{text}[/{colour}]", c["evidence"])
     console.print(table)
     console.print(f"written: {res['paths']['md']}, {res['paths']['png']}")
