@@ -101,6 +101,8 @@ class WorkerSpec(BaseModel):
     """Full fine-tuning: the digest the loaded weights must have (the caller's policy)."""
     reference_dir: str | None = None
     batch_size: int | None = None
+    expected_type: str = "MULTI_GPU"
+    """The accelerate config's distributed_type; a rank running anything else fails."""
 
 
 @dataclass(frozen=True)
@@ -382,13 +384,19 @@ def _stop(proc: subprocess.Popen) -> None:
             continue
 
 
-def check_launchable(cfg: TrainConfig, kind: str, config_file: Path) -> None:
+def check_launchable(cfg: TrainConfig, kind: str, config_file: Path, on_cuda: bool) -> None:
     """Refuse settings the sharded engines cannot honour, naming the field (pure).
 
-    Resume snapshots hold one rank's full trainable weights: FSDP and ZeRO-3 shard them. DeepSpeed
-    steps its optimizer inside every backward, so a step of several micro-batches per rank
-    would be several steps.
+    accelerate (1.16) turns FSDP and DeepSpeed on only over GPUs: on a CPU it would run the
+    file as plain DDP without a word. Resume snapshots hold one rank's full trainable weights:
+    FSDP and ZeRO-3 shard them. DeepSpeed steps its optimizer inside every backward, so a step
+    of several micro-batches per rank would be several steps.
     """
+    if kind in _SHARDED_TYPES and not on_cuda:
+        raise ValueError(
+            f"train.accelerate_config: {config_file} asks for {kind}, which accelerate runs only on CUDA "
+            "GPUs (on a CPU it would silently be DDP); use configs/accelerate/ddp.yaml or unset it"
+        )
     if kind in _SHARDED_TYPES and cfg.save_every is not None:
         raise ValueError(
             f"train.save_every: resume snapshots hold one rank's full trainable weights, which "
@@ -446,7 +454,8 @@ def launch_training(
 
     model_cfg, state_dir = _policy_source(policy)
     config_file = accelerate_config_path(cfg)
-    check_launchable(cfg, distributed_type(config_file), config_file)
+    kind = distributed_type(config_file)
+    check_launchable(cfg, kind, config_file, torch.cuda.is_available())
     check_reference_logps(reference_logps, pairs)
     n = cfg.num_processes
     share_prompt = cfg.share_prompt and supports_shared_prompt(policy.model)
@@ -469,7 +478,7 @@ def launch_training(
         autocast_dtype=_dtype_name(policy.autocast_dtype), pad_token_id=policy.tokenizer.pad_token_id,
         num_processes=n, parent_pid=os.getpid(), train=cfg,
         resume_dir=str(resume_dir) if resume_dir is not None else None, initial_weights=lora,
-        weights_digest=None if lora else weights_digest(named, sample=4096),
+        weights_digest=None if lora else weights_digest(named, sample=4096), expected_type=kind,
     )
 
     bar = tqdm(total=total, desc=f"train ({n} processes)", disable=not progress)
@@ -517,14 +526,18 @@ def launch_reference(
     the one-process order: `offline.reference.rank_shard`) and gathered on rank 0. Called by
     `offline.reference.ensure_reference_logps`, which caches them; no rank writes the cache."""
     model_cfg, state_dir = _policy_source(policy)
+    import torch
+
     config_file = accelerate_config_path(TrainConfig(accelerate_config=accelerate_config))
+    kind = distributed_type(config_file)
+    check_launchable(TrainConfig(), kind, config_file, torch.cuda.is_available())  # (the engine's own rules)
     run_dir = fresh_run_dir(state_dir / "launch" / f"reference-{uuid.uuid4().hex[:8]}")
     write_pairs(run_dir, pairs)
     spec = WorkerSpec(
         mode="reference", model=model_cfg, state_dir=str(state_dir), checkpoint=str(policy.model_dir),
         autocast_dtype=_dtype_name(policy.autocast_dtype), pad_token_id=policy.tokenizer.pad_token_id,
         num_processes=num_processes, parent_pid=os.getpid(), reference_dir=str(reference_dir),
-        batch_size=batch_size,
+        batch_size=batch_size, expected_type=kind,
     )
     t0 = time.perf_counter()
     run_job(run_dir, spec, config_file, what=f"reference log-probs ({num_processes} processes)", echo=progress)

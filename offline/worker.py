@@ -61,6 +61,10 @@ def _accelerator(spec):
             f"launched {spec.num_processes} processes, but accelerate sees {accelerator.num_processes} "
             f"({accelerator.distributed_type}); on a CPU set ACCELERATE_USE_CPU=true"
         )
+    running = accelerator.distributed_type.name
+    expected = {"MULTI_GPU": ("MULTI_GPU", "MULTI_CPU")}.get(spec.expected_type, (spec.expected_type,))
+    if running not in expected:
+        raise RuntimeError(f"the accelerate config asks for {spec.expected_type}, but accelerate runs {running}")
     return accelerator
 
 
