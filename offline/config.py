@@ -43,6 +43,10 @@ class LossConfig(Section):
         return self
 
 
+LAUNCH_FIELDS = ("num_processes", "accelerate_config")
+"""The `TrainConfig` fields that say how training is launched, not how it optimises."""
+
+
 class TrainConfig(Section):
     """Optimisation of one preference-training run (offline phase or one online cycle)."""
 
@@ -76,6 +80,17 @@ class TrainConfig(Section):
     """Pairs per batch when computing reference log-probs."""
     share_prompt: bool = True
     """Run each pair as one row prompt+chosen+rejected so the prompt is computed once (sdpa/eager)."""
+    num_processes: int = Field(default=1, ge=1)
+    """Data-parallel training processes. Above 1, training (and any reference log-probs the cache
+    lacks) runs as a launched job of that many ranks (offline/launch.py); the flow stays one process."""
+    accelerate_config: str | None = Field(default=None, min_length=1)
+    """An accelerate config file for the launched job (configs/accelerate/{ddp,fsdp,zero3}.yaml);
+    set = launched even with one process. None: DDP (configs/accelerate/ddp.yaml) when launched."""
+
+    @property
+    def launched(self) -> bool:
+        """Whether training runs as a launched (multi-process) job rather than in this process."""
+        return self.num_processes > 1 or self.accelerate_config is not None
 
 
 class LoraConfig(Section):

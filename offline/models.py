@@ -54,6 +54,9 @@ class LoadedPolicy:
     """Dtype the training loop should autocast to (None = no autocast)."""
     base_dir: Path | None = None
     """LoRA: the model the adapter sits on (pi_0); `reference()` runs it. None: full fine-tuning."""
+    config: ModelConfig | None = None
+    """The section it was loaded from, with `state_dir`: what a launched job's ranks load it by."""
+    state_dir: Path | None = None
 
     def reference_runs(self, model_dir: Path) -> bool:
         """True when `reference()` (adapter disabled) runs exactly the model in `model_dir`, so
@@ -190,6 +193,8 @@ def load_policy(
         device=device,
         autocast_dtype=autocast_dtype(cfg, device),
         base_dir=base_dir if cfg.lora is not None else None,
+        config=cfg,
+        state_dir=Path(state_dir),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from offline.config import DataConfig, ModelConfig, TrainConfig
+from offline.config import LAUNCH_FIELDS, DataConfig, ModelConfig, TrainConfig
 from offline.section import Section
 
 
@@ -339,4 +339,11 @@ class CycleInputs:
 
     @property
     def cycle_train(self) -> TrainConfig:
-        return self.online.train or self.train
+        """`online.train` (else `train`). How training is launched (`num_processes`,
+        `accelerate_config`) is the machine's, not the cycle's: `online.train` inherits it from
+        `train` unless it sets it itself."""
+        own = self.online.train
+        if own is None:
+            return self.train
+        inherit = {k: getattr(self.train, k) for k in LAUNCH_FIELDS if k not in own.model_fields_set}
+        return own.model_copy(update=inherit) if inherit else own

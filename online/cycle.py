@@ -208,12 +208,13 @@ class TrainingSet:
 
 def prepare_training_set(
     policy: LoadedPolicy, pairs: list[PreferencePair], data_cfg: DataConfig, reference_dir: Path,
-    cache_dir: Path, batch_size: int, progress: bool,
+    cache_dir: Path, batch_size: int, progress: bool, num_processes: int = 1, accelerate_config: str | None = None,
 ) -> TrainingSet:
     """Tokenize the draw and get pi_0's log-probs from the one reference service (cached; LoRA:
-    the adapter-disabled base)."""
+    the adapter-disabled base; sharded over a launched job's ranks with `num_processes > 1`)."""
     toks = tokenize_pairs(pairs, policy.tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
-    logps = ensure_reference_logps(policy, toks, reference_dir, cache_dir, batch_size, progress)
+    logps = ensure_reference_logps(policy, toks, reference_dir, cache_dir, batch_size, progress,
+                                   num_processes=num_processes, accelerate_config=accelerate_config)
     return TrainingSet(toks, logps)
 
 
@@ -289,7 +290,7 @@ def run_cycle(
     with _timed(seconds, "reference"):
         training_set = step("reference-logps", prepare_training_set)(
             policy, mixed.pairs, inputs.data, reference_dir, state_dir / "cache" / "reference-logps",
-            train_cfg.reference_batch_size, progress,
+            train_cfg.reference_batch_size, progress, train_cfg.num_processes, train_cfg.accelerate_config,
         )
     with _timed(seconds, "train"):
         cycle_cfg = train_cfg.model_copy(update={

@@ -358,6 +358,7 @@ def _user_errors() -> Iterator[None]:
     from buffer.connection import ReplayBufferError
     from buffer.server import RedisServerError, RedisServerMissing
     from offline.data import DataError
+    from offline.launch import LaunchError
     from offline.registry import NoCurrentPolicy
     from online.audit import JudgeAuditFailed
     from online.generate import GenerationError
@@ -369,7 +370,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, PromptError, ReplayBufferError, RedisServerMissing, RedisServerError,
-            JudgeAPIError, JudgeAuditFailed, GenerationError, NoCurrentPolicy, TrackingError) as exc:
+            JudgeAPIError, JudgeAuditFailed, GenerationError, NoCurrentPolicy, TrackingError, LaunchError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
@@ -423,8 +424,25 @@ def buffer_import(path: Path, config: Path = ConfigOpt) -> None:
     console.print(f"anchor: {seeded}; fresh: {added}")
 
 
+def refuse_distributed_launch() -> None:
+    """Exit at once (code 2) when started as one rank of a distributed launcher: the flow is one
+    process; training launches its own ranks (`train.num_processes`, offline/launch.py)."""
+    from orchestrator.runtime import launcher_rank_env
+
+    why = launcher_rank_env(os.environ)
+    if why is not None:
+        console.print(
+            f"[red]error:[/red] tether was started by a distributed launcher ({why}): every rank would run "
+            "its own flow and write the same checkpoint. Run it as one process (`tether offline ...`) and set "
+            "`train.num_processes: N` (or `--set train.num_processes=N`, and `train.accelerate_config` for "
+            "FSDP/ZeRO-3): the training task launches the N ranks itself."
+        )
+        raise SystemExit(2)
+
+
 def main() -> None:
     """Console-script entry point."""
+    refuse_distributed_launch()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
 

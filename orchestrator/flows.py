@@ -138,7 +138,8 @@ def run_offline(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | 
     toks = tokenize_task(dataset, policy.tokenizer, data_cfg)
 
     cache_dir = state / "cache" / "reference-logps"
-    ref = reference_task(policy, toks.train + toks.heldout, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress)
+    ref = reference_task(policy, toks.train + toks.heldout, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress,
+                         num_processes=cfg.train.num_processes, accelerate_config=cfg.train.accelerate_config)
     before = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
 
     resume_dir = state / "resume" / f"offline-{dataset.fingerprint[:8]}-{config_key(resolved)}"
