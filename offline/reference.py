@@ -116,18 +116,24 @@ class ReferenceLogpCache:
         self._dirty.clear()
 
 
-def precision_id(reference_id: str, autocast_dtype: torch.dtype | None) -> str:
-    """The cache key of a reference scored in `autocast_dtype`: log-probs computed in bf16 on a
-    GPU must not be reused by a float32 run on a CPU (or the other way round)."""
-    return reference_id if autocast_dtype is None else f"{reference_id}@{str(autocast_dtype).removeprefix('torch.')}"
+def precision_id(
+    reference_id: str, autocast_dtype: torch.dtype | None, weights_dtype: torch.dtype = torch.float32
+) -> str:
+    """The cache key of a reference scored in `autocast_dtype` with weights stored in
+    `weights_dtype`: log-probs computed in bf16 on a GPU, or by a bf16-stored LoRA base, must not
+    be reused by a float32 run (or the other way round). fp32 storage adds nothing to the key."""
+    key = reference_id if autocast_dtype is None else f"{reference_id}@{str(autocast_dtype).removeprefix('torch.')}"
+    return key if weights_dtype == torch.float32 else f"{key}+w:{str(weights_dtype).removeprefix('torch.')}"
 
 
-def reference_id_of(model_dir: Path, autocast_dtype: torch.dtype | None) -> str:
+def reference_id_of(
+    model_dir: Path, autocast_dtype: torch.dtype | None, weights_dtype: torch.dtype = torch.float32
+) -> str:
     """The reference's cache key: the content id of the checkpoint it is loaded from, and the
     precision its log-probs are computed in (`precision_id`)."""
     from offline.checkpoint import model_id
 
-    return precision_id(model_id(model_dir), autocast_dtype)
+    return precision_id(model_id(model_dir), autocast_dtype, weights_dtype)
 
 
 def ensure_reference_logps(
@@ -154,7 +160,7 @@ def ensure_reference_logps(
     (`offline.launch.launch_reference`: each rank takes every N-th of the batches this process
     would run, the values are gathered on rank 0) and this process caches them, the one writer.
     """
-    reference_id = reference_id_of(reference_dir, policy.autocast_dtype)
+    reference_id = reference_id_of(reference_dir, policy.autocast_dtype, policy.reference_dtype)
     cache = ReferenceLogpCache(cache_dir)
     pad = policy.tokenizer.pad_token_id
     missing = [p for p in pairs if cache.get(reference_id, p) is None]
