@@ -52,7 +52,8 @@ def test_a_refresh_cycle_generates_on_transformers_serve(transformers_serve, smo
             "generation": generation,
             "judge": {"kind": "rule", "rule": {"function": "_transformers_serve:brevity"}},
             "gate": {"metric": "reward"},
-            "train_pairs": 4, "eval_max_prompts": 1, "eval_samples": 1, "kl_prompts": 1, "kl_samples": 1,
+            # Two prompts give two labels: enough for this test, which is about generation.
+            "min_fresh_pairs": 1, "train_pairs": 4, "eval_max_prompts": 1, "eval_samples": 1, "kl_prompts": 1, "kl_samples": 1,
             "train": {"max_steps": 1, "batch_size": 4, "save_every": None},
         },
     }
