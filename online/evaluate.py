@@ -39,10 +39,11 @@ Scorer = Callable[[list[tuple[str, str]]], list[float]]
 
 
 def make_scorer(judge_cfg: JudgeConfig) -> Scorer:
-    """The rule or the reward model as a scalar scorer (an LLM judge has none: use win rates)."""
+    """The rule (its `eval_function` when set) or the reward model as a scalar scorer (an LLM
+    judge has none: use win rates)."""
     if judge_cfg.kind == "rule":
         assert judge_cfg.rule is not None
-        fn = load_callable(judge_cfg.rule.function)
+        fn = load_callable(judge_cfg.rule.eval_function or judge_cfg.rule.function)
         return lambda items: [float(fn(p, r)) for p, r in items]
     if judge_cfg.kind == "reward_model":
         rm = build_judge(judge_cfg)

@@ -223,9 +223,9 @@ def eval_(
 def _covered_categories(cfg) -> set[str]:
     from offline.data import load_preference_dataset
     from offline.models import load_tokenizer, resolve_model_dir
-    from offline.pipeline import resolve_data
+    from online.anchor import resolve_static_data
 
-    ds = load_preference_dataset(resolve_data(cfg.data, cfg.state_dir), tokenizer=load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir)))
+    ds = load_preference_dataset(resolve_static_data(cfg), tokenizer=load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir)))
     return {p.category for p in ds.train if p.category}
 
 

@@ -29,6 +29,7 @@ from prefect.utilities.annotations import opaque
 from offline import pipeline
 from offline.reference import ensure_reference_logps
 from offline.registry import PolicyRegistry
+from online.anchor import resolve_static_data
 from orchestrator.artifacts import audit_markdown, config_markdown, markdown_table, metrics_rows, sparkline
 from orchestrator.config import TetherConfig, load_config, redacted_dump
 from orchestrator.tracking import RunTracker, cycle_metrics, open_run
@@ -89,6 +90,7 @@ def _task(name: str) -> Callable[[F], F]:
     return wrap
 
 
+static_data_task = _task("static-dataset")(resolve_static_data)
 load_policy_task = _task("load-policy")(pipeline.load_initial_policy)
 load_data_task = _task("load-and-validate")(pipeline.load_and_validate)
 coverage_task = _task("coverage-report")(pipeline.build_coverage)
@@ -126,7 +128,7 @@ def run_offline(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | 
     resolved = redacted_dump(cfg)
     state = cfg.state_dir
 
-    data_cfg = pipeline.resolve_data(cfg.data, state)
+    data_cfg = static_data_task(cfg)
     policy = load_policy_task(cfg.model, state)
     dataset = load_data_task(data_cfg, policy.tokenizer)
     coverage = coverage_task(dataset, policy.tokenizer, data_cfg)
@@ -241,7 +243,7 @@ def cycle_inputs(cfg: TetherConfig) -> "CycleInputs":
     if cfg.online is None:
         raise ValueError("this config has no `online` section: add one to run refresh cycles (see configs/demo.yaml)")
     return CycleInputs(
-        model=cfg.model, data=pipeline.resolve_data(cfg.data, cfg.state_dir), train=cfg.train, online=cfg.online,
+        model=cfg.model, data=resolve_static_data(cfg), train=cfg.train, online=cfg.online,
         state_dir=cfg.state_dir, name=cfg.name, seed=cfg.seed, config_dump=redacted_dump(cfg),
     )
 
