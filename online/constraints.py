@@ -65,13 +65,14 @@ def _words(text: str) -> list[str]:
 
 
 def _check_lowercase(response: str, _: str) -> float:
-    """Pass: at least one letter and no uppercase letter. Else half credit times the share of
-    letters that are lowercase, so one stray capital beats a shouted answer."""
+    """Pass: at least one letter and no uppercase letter. Else 0.5 halved for every capital
+    after the first (1 capital: 0.5, 2: 0.25, 3: 0.125, ...), so two ordinary answers (a few
+    sentence-initial capitals each) are still ranked by how close they came."""
     letters = [c for c in response if c.isalpha()]
     if not letters:
         return 0.0
     upper = sum(c.isupper() for c in letters)
-    return 1.0 if upper == 0 else 0.5 * (1.0 - upper / len(letters))
+    return 1.0 if upper == 0 else 0.5 ** upper
 
 
 def _check_max_words(response: str, param: str) -> float:
