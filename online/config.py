@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from offline.config import DataConfig, ModelConfig, TrainConfig
+from offline.config import LAUNCH_FIELDS, DataConfig, ModelConfig, TrainConfig
 from offline.section import Section
 
 
@@ -54,9 +54,18 @@ class GateConfig(Section):
     """When a candidate counts as a regression."""
 
     tolerance: float = Field(default=0.02, ge=0.0)
-    """Largest drop per category (reward units or win-rate points) that still promotes."""
+    """Largest drop per category (reward units or win-rate points) the gate accepts: the lower
+    confidence bound must be >= -tolerance (reward) or >= 0.5 - tolerance (win rate)."""
     metric: Literal["reward", "win_rate"] = "reward"
     """Compare rule/reward-model rewards, or the judge's win rate against the current policy."""
+    min_decisive: int = Field(default=30, ge=2)
+    """Fewest decisive judgments (win_rate: non-tie) or reward samples per compared category,
+    and overall, for a verdict; with fewer the cycle is inconclusive and not promoted."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    """Two-sided confidence of the interval whose lower end must clear the tolerance."""
+    max_length_ratio: float | None = Field(default=1.5, gt=1.0)
+    """Most the candidate's mean eval response length (tokens) may be over its parent's (1.5:
+    50% longer); above it the gate rejects (length drift games judges). None: no guard."""
 
 
 class PromptPoolConfig(Section):
@@ -308,6 +317,9 @@ class OnlineConfig(Section):
     """Training settings for cycles (None: the top-level `train` section)."""
     anchor: AnchorConfig | None = None
     """Build the static dataset from pi_0's samples (with `data.path: "online:anchor"`)."""
+    min_fresh_pairs: int = Field(default=8, ge=0)
+    """Fewest labels the judge must produce in a cycle for it to train; with fewer the cycle is
+    recorded inconclusive (not trained, not promoted, the mix unchanged). 0: always train."""
     eval_samples: int = Field(default=2, ge=1)
     """Samples per held-out prompt when scoring a policy."""
     eval_max_prompts: int = Field(default=96, gt=0)
@@ -350,4 +362,11 @@ class CycleInputs:
 
     @property
     def cycle_train(self) -> TrainConfig:
-        return self.online.train or self.train
+        """`online.train` (else `train`). How training is launched (`num_processes`,
+        `accelerate_config`) is the machine's, not the cycle's: `online.train` inherits it from
+        `train` unless it sets it itself."""
+        own = self.online.train
+        if own is None:
+            return self.train
+        inherit = {k: getattr(self.train, k) for k in LAUNCH_FIELDS if k not in own.model_fields_set}
+        return own.model_copy(update=inherit) if inherit else own

@@ -63,6 +63,7 @@ from typing import Any, Protocol
 import httpx
 
 from offline.atomic import atomic_write_json
+from offline.secrets import redact_url
 from online.config import JudgeConfig, LLMJudgeConfig
 from online.cost import Budget, CostMeter
 from online.http import RequestFailed, RetryPolicy, apost_json, auth_headers
@@ -210,7 +211,7 @@ class LLMJudge:
         self._refused = self._answered = 0
 
     def __repr__(self) -> str:
-        return f"LLMJudge(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
+        return f"LLMJudge(model={self.cfg.model!r}, base_url={redact_url(self.cfg.base_url)!r})"
 
     def judge_generations(self, generations: list[Generation]) -> tuple[list[Judgment], JudgeStats]:
         """Sync wrapper: runs `ajudge_generations` with `asyncio.run` (no loop may be running)."""
@@ -264,7 +265,7 @@ class LLMJudge:
             # Not one connection was accepted: a wrong URL or a dead server, not bad luck.
             # Training on anchor pairs alone while reporting success would hide it.
             raise JudgeAPIError(
-                f"the judge at {self.cfg.base_url} is unreachable or failing: every one of {len(results)} pairs "
+                f"the judge at {redact_url(self.cfg.base_url)} is unreachable or failing: every one of {len(results)} pairs "
                 f"failed ({stats.calls} requests, retries included); check judge.llm.base_url and that the server is up"
             )
         log.info(
@@ -391,7 +392,7 @@ class LLMJudge:
         except RequestFailed as exc:
             if exc.status in (401, 403, 404):
                 raise JudgeAPIError(
-                    f"judge API {self._url} answered HTTP {exc.status} for model {self.cfg.model!r}: "
+                    f"judge API {redact_url(str(self._url))} answered HTTP {exc.status} for model {self.cfg.model!r}: "
                     f"check base_url, model and the key in ${self.cfg.api_key_env}"
                 ) from None
             log.warning("judge request failed for good; dropping this pair: %s", exc)

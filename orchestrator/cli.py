@@ -132,14 +132,18 @@ def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
     """The per-stage table of `tether demo` / `tether report`."""
     score = "reward" if metric == "reward" else "win rate vs the initial policy"
     table = Table(title=f"{score} on held-out prompts, and KL(policy || reference) vs budget")
-    heads = ["stage", "covered cats", "held-out cats", "KL (± s.e.)", "budget", "promoted"]
+    gate = any("gate/verdict" in r for r in rows)  # the report's rows carry the gate's evidence
+    heads = ["stage", "covered cats", "held-out cats", "KL (± s.e.)", "budget", "promoted"] + (
+        ["gate: n, lower bound vs threshold"] if gate else [])
     for h in heads:
         table.add_column(h, justify="left" if h in ("stage", "promoted") else "right")
     for r in rows:
         kl, se = r["kl/policy_ref"], r.get("kl/stderr", float("nan"))
+        n, lower, threshold = (r.get(k, float("nan")) for k in ("gate/n", "gate/lower_bound", "gate/threshold"))
         table.add_row(r["stage"], f"{r['reward/covered']:.3f}", f"{r['reward/heldout']:.3f}",
                       f"{kl:.3f}" + (f"±{se:.2f}" if math.isfinite(se) else ""), f"{r['kl_budget']:.3g}",
-                      str(r["promoted"]))
+                      str(r["promoted"]),
+                      *([f"n={n:.0f}, {lower:+.3f} vs {threshold:+.3f}" if math.isfinite(n) else "-"] if gate else []))
     console.print(table)
 
 
@@ -171,11 +175,14 @@ def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     if out.get("skipped"):
         console.print(f"[yellow]skipped:[/yellow] {out['reason']}")
         return
-    verdict = "[green]promoted[/green]" if out["promoted"] else "[red]not promoted (rolled back)[/red]"
+    verdict = ("[green]promoted[/green]" if out["promoted"]
+               else "[yellow]inconclusive, not promoted[/yellow]" if out.get("verdict") == "inconclusive"
+               else "[red]not promoted (rolled back)[/red]")
     console.print(f"cycle {out['index']}: {verdict}: " + "; ".join(out["reasons"]))
     for flag in out.get("flags") or []:
         console.print(f"[yellow]flag:[/yellow] {flag}")
     print_metrics(f"cycle {out['index']}", {
+        **out.get("gate", {}),
         **{f"reward_before/{k}": v for k, v in out["before"].items()},
         **{f"reward_after/{k}": v for k, v in out["after"].items()},
         **out["kl"], "kl_budget": out["kl_budget"], **out["judge"], **out["mix"],
@@ -338,7 +345,7 @@ def report(
         table.add_column(c)
     for c in res["claims"]:
         text = verdict(c["holds"])
-        colour = {"yes": "green", "NO": "red", "n/a": "yellow"}[text]
+        colour = {"yes": "green", "NO": "red", "not shown": "yellow"}[text]
         table.add_row(c["claim"], f"[{colour}]{text}[/{colour}]", c["evidence"])
     console.print(table)
     console.print(f"written: {res['paths']['md']}, {res['paths']['png']}")
@@ -351,6 +358,7 @@ def _user_errors() -> Iterator[None]:
     from buffer.connection import ReplayBufferError
     from buffer.server import RedisServerError, RedisServerMissing
     from offline.data import DataError
+    from offline.launch import LaunchError
     from offline.registry import NoCurrentPolicy
     from online.audit import JudgeAuditFailed
     from online.generate import GenerationError
@@ -362,7 +370,7 @@ def _user_errors() -> Iterator[None]:
     try:
         yield
     except (ConfigError, DataError, PromptError, ReplayBufferError, RedisServerMissing, RedisServerError,
-            JudgeAPIError, JudgeAuditFailed, GenerationError, NoCurrentPolicy, TrackingError) as exc:
+            JudgeAPIError, JudgeAuditFailed, GenerationError, NoCurrentPolicy, TrackingError, LaunchError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
@@ -416,8 +424,25 @@ def buffer_import(path: Path, config: Path = ConfigOpt) -> None:
     console.print(f"anchor: {seeded}; fresh: {added}")
 
 
+def refuse_distributed_launch() -> None:
+    """Exit at once (code 2) when started as one rank of a distributed launcher: the flow is one
+    process; training launches its own ranks (`train.num_processes`, offline/launch.py)."""
+    from orchestrator.runtime import launcher_rank_env
+
+    why = launcher_rank_env(os.environ)
+    if why is not None:
+        console.print(
+            f"[red]error:[/red] tether was started by a distributed launcher ({why}): every rank would run "
+            "its own flow and write the same checkpoint. Run it as one process (`tether offline ...`) and set "
+            "`train.num_processes: N` (or `--set train.num_processes=N`, and `train.accelerate_config` for "
+            "FSDP/ZeRO-3): the training task launches the N ranks itself."
+        )
+        raise SystemExit(2)
+
+
 def main() -> None:
     """Console-script entry point."""
+    refuse_distributed_launch()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
 

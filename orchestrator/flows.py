@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import shutil
 import time
 from contextlib import AbstractContextManager
@@ -139,7 +140,8 @@ def run_offline(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | 
     toks = tokenize_task(dataset, policy.tokenizer, data_cfg)
 
     cache_dir = state / "cache" / "reference-logps"
-    ref = reference_task(policy, toks.train + toks.heldout, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress)
+    ref = reference_task(policy, toks.train + toks.heldout, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress,
+                         num_processes=cfg.train.num_processes, accelerate_config=cfg.train.accelerate_config)
     before = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
 
     resume_dir = state / "resume" / f"offline-{dataset.fingerprint[:8]}-{config_key(resolved)}"
@@ -248,15 +250,24 @@ def cycle_inputs(cfg: TetherConfig) -> "CycleInputs":
     )
 
 
+def outcome_label(rep: dict[str, Any]) -> str:
+    """How a cycle's outcome reads in tables: yes, no (rolled back) or no (inconclusive)."""
+    if rep["promoted"]:
+        return "yes"
+    return "no (inconclusive)" if rep.get("verdict") == "inconclusive" else "no (rolled back)"
+
+
 def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
     """KL and reward across cycles: a table and one-line charts (rendered in the Prefect UI)."""
     rows = [{
         "cycle": h["index"],
-        "promoted": "yes" if h["promoted"] else "no (rolled back)",
+        "promoted": outcome_label(h),
+        "gate/n": h.get("gate", {}).get("gate/n", float("nan")),
+        "gate/lower_bound": h.get("gate", {}).get("gate/lower_bound", float("nan")),
         "kl/sequence": h["kl"].get("kl/policy_ref", float("nan")),
         "kl budget": h["kl_budget"],
         "reward before": h["before"]["mean"],
-        "reward after": h["after"]["mean"],
+        "reward after": h["after"].get("mean", float("nan")),
         "anchor_fraction next": h["next_anchor_fraction"],
         "judge/asked": h["judge"].get("judge/asked", float("nan")),
         "judge/judgments": h["judge"].get("judge/judgments", float("nan")),
@@ -266,8 +277,9 @@ def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
         "train/anchor_pairs": h["mix"].get("train/anchor_pairs", float("nan")),
         "flags": len(h.get("flags") or []),
     } for h in history]
-    kls = [r["kl/sequence"] for r in rows]
-    rewards = [r["reward after"] for r in rows]
+    # Cycles that did not train (too few labels) have no KL or reward: the charts skip them.
+    kls = [r["kl/sequence"] for r in rows if math.isfinite(r["kl/sequence"])]
+    rewards = [r["reward after"] for r in rows if math.isfinite(r["reward after"])]
     return "\n\n".join([
         "# KL and reward history",
         f"KL budget: {budget:g} nats/sequence.",
@@ -279,14 +291,21 @@ def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
 
 def cycle_markdown(report: "CycleReport") -> str:
     """One cycle's metrics and decision, as markdown."""
-    cats = sorted(k for k in report.after if k != "mean")
-    rows = [{"category": c, "reward before": report.before.get(c, float("nan")),
-             "reward after": report.after[c], "delta": report.after[c] - report.before.get(c, float("nan"))}
+    nan = float("nan")
+    cats = sorted(k for k in {**report.before, **report.after} if k != "mean")
+    rows = [{"category": c, "reward before": report.before.get(c, nan), "reward after": report.after.get(c, nan),
+             "delta": report.after.get(c, nan) - report.before.get(c, nan)}
             for c in ["mean", *cats]]
-    verdict = "promoted" if report.promoted else "NOT promoted (kept for inspection; the previous policy stays current)"
+    verdict = ("promoted" if report.promoted
+               else "INCONCLUSIVE, not promoted (the previous policy stays current)" if report.verdict == "inconclusive"
+               else "NOT promoted (kept for inspection; the previous policy stays current)")
+    where = (f"Checkpoint: `{report.checkpoint.path}`; parent `{report.parent.path}`." if report.checkpoint
+             else f"No checkpoint (not trained); parent `{report.parent.path}`.")
     return "\n\n".join([
         f"# Refresh cycle {report.index}: {verdict}",
-        "Gate: " + "; ".join(report.reasons),
+        f"Gate ({report.verdict}): " + "; ".join(report.reasons),
+        "## Gate evidence per unit (lower bound must be >= threshold)",
+        markdown_table(report.gate_checks) if report.gate_checks else "No gate checks (the cycle did not train).",
         f"KL(pi||pi_0): {report.kl.get('kl/policy_ref', float('nan')):.4f} nats/sequence "
         f"({report.kl.get('kl/policy_ref_per_token', float('nan')):.4f} per token), budget {report.kl_budget:g}.",
         f"Controller: {report.controller_reason}",
@@ -300,13 +319,16 @@ def cycle_markdown(report: "CycleReport") -> str:
         markdown_table(metrics_rows({**report.judge, **report.mix, **report.train})),
         "## Seconds per stage",
         markdown_table(metrics_rows(report.seconds)),
-        f"Checkpoint: `{report.checkpoint.path}`; parent `{report.parent.path}`.",
+        where,
     ])
 
 
-def run_refresh(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | None = None) -> dict[str, Any]:
+def run_refresh(
+    cfg: TetherConfig, progress: bool = True, tracker: RunTracker | None = None, promote: bool = True
+) -> dict[str, Any]:
     """One refresh cycle under the cycle lock (skips, and says so, when another one holds it);
-    `tracker` gets its training steps and, at step = the cycle's index, `cycle_metrics`."""
+    `tracker` gets its training steps and, at step = the cycle's index, `cycle_metrics`.
+    `promote=False`: the gate decides but the pointer never moves (the report's budget probe)."""
     from buffer.lock import LockHeld
     from buffer.store import open_buffer
     from online.audit import JudgeAuditFailed
@@ -318,7 +340,8 @@ def run_refresh(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | 
     audit_cfg = inputs.online.judge.audit
     with open_buffer(cfg.buffer, cfg.state_dir) as buf:
         try:
-            report = run_cycle_locked(inputs, buf, step=as_task, progress=progress, on_train_step=tracker.log_train_step)
+            report = run_cycle_locked(inputs, buf, step=as_task, progress=progress,
+                                      on_train_step=tracker.log_train_step, promote=promote)
         except LockHeld as exc:
             logger.warning("skipping this cycle: another refresh cycle is running (%s)", exc)
             tracker.log_text("cycle/skipped", str(exc))
@@ -333,15 +356,17 @@ def run_refresh(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | 
         create_markdown_artifact(audit_markdown(report.audit, audit_cfg), key="judge-audit",
                                  description=f"Judge audit of {report.audit.judge}")
     logger.info(
-        "cycle %d: %s; KL %.4f (budget %g); reward %.4f -> %.4f",
-        report.index, "promoted" if report.promoted else "rolled back",
-        report.kl.get("kl/policy_ref", float("nan")), report.kl_budget, report.before["mean"], report.after["mean"],
+        "cycle %d: %s (gate: %s); KL %.4f (budget %g); reward %.4f -> %.4f",
+        report.index, "promoted" if report.promoted else "not promoted", report.verdict,
+        report.kl.get("kl/policy_ref", float("nan")), report.kl_budget, report.before["mean"],
+        report.after.get("mean", float("nan")),
     )
     tracker.log(cycle_metrics(report), step=report.index)
     tracker.log_text("cycle/gate", ("promoted: " if report.promoted else "not promoted: ") + "; ".join(report.reasons))
     create_markdown_artifact(cycle_markdown(report), key="refresh-cycle-metrics", description=f"Cycle {report.index}")
     create_table_artifact(
-        metrics_rows({"promoted": report.promoted, **report.kl, **report.judge, **report.mix}),
+        metrics_rows({"promoted": report.promoted, "verdict": report.verdict, **report.gate, **report.kl,
+                      **report.judge, **report.mix}),
         key="refresh-cycle-table", description=f"Cycle {report.index} metrics",
     )
     create_markdown_artifact(history_markdown(history, report.kl_budget), key="kl-history", description="KL and reward across cycles")
@@ -355,11 +380,12 @@ def refresh_cycle(
     run_label: str = "manual",
     progress: bool = True,
     config: TetherConfig | None = None,
+    promote: bool = True,
 ) -> dict[str, Any]:
     """Refresh the current policy online: generate, judge, buffer, train under the KL budget, gate."""
     cfg = resolve_config(config_path, overrides, config)
     with tracker_run(cfg, "cycle") as tracker:
-        return run_refresh(cfg, progress=progress, tracker=tracker)
+        return run_refresh(cfg, progress=progress, tracker=tracker, promote=promote)
 
 
 @flow(name="judge-audit", flow_run_name="judge-audit-{run_label}", **FLOW_RESULTS)
@@ -384,7 +410,6 @@ def judge_audit(
     get_run_logger().info("judge audit %s of %s: %s", audit.key, audit.judge,
                           "; ".join(f.text() for f in failures) or "passes")
     return {"audit": audit.model_dump(mode="json"), "failures": [f.text() for f in failures]}
-
 
 # -- the embedded demo / efficacy report: initial -> offline -> N cycles -------------------------
 
@@ -447,11 +472,8 @@ def hybrid_demo(
         # The cycle's own `after` is the reward (or, with an LLM judge, the win rate against
         # its parent); the stages table wants the same yardstick as the other rows.
         after = (score(inputs, rep["checkpoint"]["path"], cfg.seed, baseline, with_kl=False)["reward"]
-                 if by_win_rate else rep["after"])
-        rows.append(stage_row(
-            f"cycle {rep['index']}", after, rep["kl"], budget, covered,
-            "yes" if rep["promoted"] else "no (rolled back)",
-        ))
+                 if by_win_rate and rep["checkpoint"] else rep["after"])
+        rows.append(stage_row(f"cycle {rep['index']}", after, rep["kl"], budget, covered, outcome_label(rep)))
     create_markdown_artifact(
         "# Hybrid demo: reward per stage\n\nCovered categories (in the static dataset): "
         + ", ".join(sorted(covered)) + ".\n\n" + markdown_table(rows),

@@ -3,8 +3,12 @@
 Stages, each scored the same way (rule reward of the policy's own samples on held-out prompts,
 KL to pi_0): the initial policy, the offline-only baseline, N online refresh cycles, and one
 deliberate **budget probe** (a cycle run with its KL budget set below the KL the policy already
-has), which must be rolled back. The claims are checked from the figures and the verdict of each
-is written next to them, true or not:
+has), which must be rolled back. The probe runs with `promote=False`: whatever the gate says,
+the pointer never moves, and a probe the gate would have passed (its KL estimate came out
+within the halved budget) is reported "inconclusive", never promoted. The claims are checked
+from the figures and the verdict of each is written next to them, true or not; a claim whose
+evidence is missing (no promoted cycle because every cycle was inconclusive, a probe inside its
+budget) is "not shown", never "holds":
 
 1. offline DPO improves the covered categories over the initial policy;
 2. online cycles improve the held-out categories beyond the offline-only baseline;
@@ -40,16 +44,42 @@ def fresh_state_dir(base_state: Path, out_dir: Path) -> Path:
     return state
 
 
+GATE_COLUMNS = ["gate/verdict", "gate/n", "gate/min_category_n", "gate/lower_bound",
+                "gate/worst_category_lower_bound", "gate/threshold", "gate/length_ratio"]
+"""The gate's evidence per cycle row: decisive judgments / reward samples (overall, and the
+fewest in one category), the lower confidence bounds (overall, worst category) against the
+threshold, the response-length ratio to the parent, and the verdict."""
+
+
+def gate_columns(rep: dict[str, Any]) -> dict[str, Any]:
+    """A cycle's gate evidence as row columns (NaN where the cycle did not reach the gate)."""
+    gate = rep.get("gate", {})
+    return {"gate/verdict": rep.get("verdict", "-"),
+            **{c: gate.get(c, float("nan")) for c in GATE_COLUMNS if c != "gate/verdict"}}
+
+
+def probe_label(verdict: str) -> str:
+    """The probe's outcome: rolled back by the gate, or inconclusive (never "yes": it cannot promote)."""
+    if verdict == "reject":
+        return "no (rolled back)"
+    if verdict == "promote":
+        return "inconclusive (the gate passed it: not a test of the budget; the probe never promotes)"
+    return "inconclusive (too little evidence; not promoted)"
+
+
 def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, tolerance: float = 0.0) -> list[dict[str, Any]]:
     """Each claim with the figures behind it and whether they bear it out (pure).
 
-    `holds` is True, False, or None when the figures cannot say (e.g. the static dataset
-    shares no category with the prompt pool, so there is no "covered" score).
+    `holds` is True, False, or None when the figures cannot say: not measurable (e.g. the
+    static dataset shares no category with the prompt pool, so there is no "covered" score) or
+    not shown (the evidence is missing: no cycle was promoted and some were inconclusive; the
+    probe stayed within its budget).
     """
     by = {r["stage"]: r for r in rows}
     initial, offline = by.get("initial"), by.get("offline")
     cycles = [r for r in rows if r["stage"].startswith("cycle")]
     promoted = [r for r in cycles if r["promoted"] == "yes"]
+    inconclusive = [r["stage"] for r in cycles if r.get("gate/verdict") == "inconclusive"]
     best_cycle = max((r["reward/heldout"] for r in promoted), default=float("nan"))
     out = []
     if initial and offline:
@@ -63,12 +93,17 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
         })
     if offline:
         measurable = math.isfinite(offline["reward/heldout"])
+        # No promoted cycle because the evidence was too thin is not "online did not help": not shown.
+        unshown = not promoted and bool(inconclusive)
         out.append({
             "claim": "online cycles improve the held-out categories beyond offline-only",
             "evidence": (f"held-out reward offline {offline['reward/heldout']:.3f}, best promoted cycle {best_cycle:.3f}"
-                         if promoted else "no cycle was promoted") if measurable
+                         if promoted else "no cycle was promoted"
+                         + (f"; not shown: {', '.join(inconclusive)} inconclusive (too little evidence)"
+                            if inconclusive else "")) if measurable
                         else "not measurable: every prompt-pool category is in the static dataset",
-            "holds": (bool(promoted) and best_cycle > offline["reward/heldout"] + tolerance) if measurable else None,
+            "holds": (None if unshown else bool(promoted) and best_cycle > offline["reward/heldout"] + tolerance)
+                     if measurable else None,
         })
     over = [r for r in promoted if not (r["kl/policy_ref"] <= r["kl_budget"])]
     out.append({
@@ -79,14 +114,16 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
     })
     if probe is not None:
         broke = probe["kl/policy_ref"] > probe["kl_budget"]
+        gate = probe.get("gate/verdict") or ("promote" if probe["promoted"] == "yes" else "reject")
         out.append({
             "claim": "a cycle that breaks the budget is rolled back",
             "evidence": f"probe: KL {probe['kl/policy_ref']:.3f} vs budget {probe['kl_budget']:.3g}; "
-                        f"promoted: {probe['promoted']}"
-                        + ("" if broke else "; not tested: the probe stayed within its budget (the current "
+                        f"gate verdict: {gate}; {probe['promoted']}"
+                        + ("" if broke else "; not shown: the probe stayed within its budget (the current "
                                             "policy's KL is too small to halve meaningfully)"),
-            # A probe inside its budget tests nothing about over-budget cycles.
-            "holds": probe["promoted"] != "yes" if broke else None,
+            # A probe inside its budget tests nothing about over-budget cycles; one over it must
+            # have been rejected (KL over budget is a hard failure, never merely inconclusive).
+            "holds": gate == "reject" if broke else None,
         })
     return out
 
@@ -110,9 +147,9 @@ def plot(rows: list[dict[str, Any]], path: Path, metric: str = "reward") -> Path
     ax1.legend(fontsize=7, ncol=2)
     ax1.tick_params(axis="x", rotation=30)
     ax2.bar(stages, [r["kl/policy_ref"] for r in rows],
-            color=["tab:red" if r["promoted"].startswith("no") else "tab:blue" for r in rows])
+            color=["tab:blue" if r["promoted"] in ("yes", "-") else "tab:red" for r in rows])
     ax2.plot(stages, [r["kl_budget"] for r in rows], "r--", label="KL budget")
-    ax2.set_title("KL(pi || pi_0), nats/sequence (red: rolled back)")
+    ax2.set_title("KL(pi || pi_0), nats/sequence (red: not promoted)")
     ax2.legend(fontsize=8)
     ax2.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -149,7 +186,7 @@ def judge_columns(cycle: dict[str, Any]) -> dict[str, Any]:
 
 def verdict(holds: bool | None) -> str:
     """How a claim's verdict reads in the report."""
-    return "n/a" if holds is None else "yes" if holds else "NO"
+    return "not shown" if holds is None else "yes" if holds else "NO"
 
 
 def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Path]:
@@ -164,6 +201,11 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[st
         f"Covered categories (in the static dataset): {', '.join(meta['covered']) or 'none'}. "
         f"Score: {METRIC_LABEL[meta.get('metric', 'reward')]}.",
         markdown_table(rows, cols),
+        "## Gate evidence per cycle",
+        f"Lower bounds are the low end of a two-sided {meta.get('confidence', 0.95):.0%} interval; a unit passes when "
+        f"its bound is >= the threshold, and needs at least {meta.get('min_decisive', '?')} decisive judgments / "
+        "reward samples (else inconclusive). n: overall; min category n: the fewest in one category.",
+        markdown_table([r for r in rows if r.get("gate/verdict", "-") != "-"], ["stage", *GATE_COLUMNS]),
         "## Claims",
         markdown_table([{**c, "holds": verdict(c["holds"])} for c in claims], ["claim", "holds", "evidence"]),
         "## Judge and training mix per cycle",
@@ -207,9 +249,11 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
     rows = [dict(r) for r in demo["stages"]]
     cost = {f"cycle {c['index']}": c["judge"].get("judge/cost_per_1k_judgments", 0.0) for c in demo["cycles"] if not c.get("skipped")}
     judged = {f"cycle {c['index']}": judge_columns(c) for c in demo["cycles"] if not c.get("skipped")}
+    gates = {f"cycle {c['index']}": gate_columns(c) for c in demo["cycles"] if not c.get("skipped")}
     for r in rows:
         r["judge/cost_per_1k_judgments"] = cost.get(r["stage"], float("nan"))
         r.update(judged.get(r["stage"], {}))
+        r.update(gates.get(r["stage"], gate_columns({})))
 
     # The budget probe: the current policy already sits at KL ~ k from pi_0; a budget of k/2
     # must make the gate refuse the next candidate, however good its reward.
@@ -217,25 +261,29 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
     probe_budget = max(last_kl / 2, 1e-3)
     po = {**o, "online": {**(o.get("online") or {}), "controller": {"kl_budget": probe_budget}}}
     probe_cfg = with_setting(base, "online.controller.kl_budget", probe_budget)
-    rep = refresh_cycle(config_path, po, run_label="report-budget-probe", progress=progress, config=probe_cfg)
+    # promote=False: the probe tests the gate; it is never the policy the report leaves current.
+    rep = refresh_cycle(config_path, po, run_label="report-budget-probe", progress=progress, config=probe_cfg,
+                        promote=False)
     probe = None
     if not rep.get("skipped"):
         from orchestrator.flows import cycle_inputs, stage_row
         from online.evaluate import evaluate_checkpoint
 
         after = rep["after"]
-        if demo["metric"] == "win_rate":  # the same yardstick as the other rows: win rate vs pi_0
+        if demo["metric"] == "win_rate" and rep["checkpoint"]:  # the same yardstick as the other rows: vs pi_0
             after = evaluate_checkpoint(cycle_inputs(probe_cfg), rep["checkpoint"]["path"], base.seed, demo["baseline"],
                                         with_kl=False)["reward"]
         probe = stage_row("budget probe", after, rep["kl"], probe_budget, set(demo["covered"]),
-                          "yes" if rep["promoted"] else "no (rolled back)")
+                          probe_label(rep["verdict"]))
         probe["judge/cost_per_1k_judgments"] = rep["judge"].get("judge/cost_per_1k_judgments", 0.0)
         probe.update(judge_columns(rep))
+        probe.update(gate_columns(rep))
         rows.append(probe)
     claims = check_claims(rows, probe)
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
         "config": config_path, "seed": base.seed, "cycles": cycles, "covered": demo["covered"], "metric": demo["metric"],
+        "confidence": base.online.gate.confidence, "min_decisive": base.online.gate.min_decisive,
         "seconds": time.perf_counter() - t0,
     }
     paths = write_report(out_dir, rows, claims, meta)

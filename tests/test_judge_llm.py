@@ -305,3 +305,12 @@ def test_a_priced_judge_refuses_replies_without_usage(server):
     server.script("no_usage", "no_usage")  # unpriced: usage is not needed, the verdicts count
     judgments, stats = make_judge(server, concurrency=1, max_retries=0).judge_generations(gens(1))
     assert len(judgments) == 1 and stats.errors == 0 and stats.prompt_tokens == 0
+
+
+def test_judge_errors_and_repr_never_show_a_url_password():
+    """A password inline in judge.llm.base_url (some proxies take one) stays out of errors and logs."""
+    from online.config import LLMJudgeConfig
+    from online.judge import LLMJudge
+
+    judge = LLMJudge(LLMJudgeConfig(base_url="http://user:s3cr3t-pw@127.0.0.1:9/v1", model="m"))
+    assert "s3cr3t-pw" not in repr(judge) and "***" in repr(judge)

@@ -25,15 +25,17 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from _faults import small_overrides  # noqa: E402
 
 from offline.checkpoint import is_complete  # noqa: E402
-from orchestrator.report import check_claims, judge_columns, run_report, verdict, write_report  # noqa: E402
+from orchestrator.report import check_claims, judge_columns, probe_label, run_report, verdict, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def row(stage: str, covered: float, heldout: float, kl: float, budget: float, promoted: str) -> dict:
-    return {"stage": stage, "reward/covered": covered, "reward/heldout": heldout, "kl/policy_ref": kl,
-            "kl_budget": budget, "promoted": promoted}
+def row(stage: str, covered: float, heldout: float, kl: float, budget: float, promoted: str,
+        gate: str | None = None) -> dict:
+    out = {"stage": stage, "reward/covered": covered, "reward/heldout": heldout, "kl/policy_ref": kl,
+           "kl_budget": budget, "promoted": promoted}
+    return out if gate is None else {**out, "gate/verdict": gate}
 
 
 def test_claims_hold_when_the_figures_say_so():
@@ -58,7 +60,7 @@ def test_a_probe_within_its_budget_tests_nothing():
     rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.7, 0.45, 0.02, 4, "yes")]
     probe = row("budget probe", 0.7, 0.45, -0.1, 0.01, "yes")  # KL estimate within its noise
     claim = check_claims(rows, probe)[-1]
-    assert claim["holds"] is None and "not tested" in claim["evidence"]
+    assert claim["holds"] is None and "not shown" in claim["evidence"]
 
 
 def test_each_cycle_row_carries_its_judge_counters_and_trained_mix(tmp_path):
@@ -87,7 +89,39 @@ def test_claims_are_not_measurable_without_covered_or_held_out_categories():
     assert claims[0]["holds"] is None and "not measurable" in claims[0]["evidence"]
     assert claims[1]["holds"] is False and claims[1]["evidence"] == "no cycle was promoted"
     assert claims[2]["holds"] is None and "no cycle was promoted" in claims[2]["evidence"]
-    assert [verdict(c["holds"]) for c in claims] == ["n/a", "NO", "n/a"]
+    assert [verdict(c["holds"]) for c in claims] == ["not shown", "NO", "not shown"]
+
+
+def test_inconclusive_cycles_leave_the_online_claim_not_shown():
+    """No cycle promoted because the evidence was too thin is not evidence that online cycles
+    do not help: the claim is not shown, never holds, and says which cycles were inconclusive."""
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.7, 0.45, 0.8, 4, "yes"),
+            row("cycle 1", 0.7, 0.9, 0.9, 4, "no (inconclusive)", "inconclusive"),
+            row("cycle 2", 0.7, 0.3, 0.9, 4, "no (rolled back)", "reject")]
+    claim = check_claims(rows, None)[1]
+    assert claim["holds"] is None and verdict(claim["holds"]) == "not shown"
+    assert claim["evidence"] == "no cycle was promoted; not shown: cycle 1 inconclusive (too little evidence)"
+    # Every cycle rejected on its evidence: the claim fails.
+    rejected = [*rows[:2], row("cycle 1", 0.7, 0.3, 0.9, 4, "no (rolled back)", "reject")]
+    assert check_claims(rejected, None)[1]["holds"] is False
+
+
+def test_the_budget_probe_is_never_reported_promoted():
+    """The probe cannot promote (it runs with promote=False); the gate's verdict decides its
+    label. A gate that would have passed it makes it inconclusive, never "yes"; over its budget,
+    only a reject makes the claim hold."""
+    assert probe_label("reject") == "no (rolled back)"
+    assert probe_label("promote").startswith("inconclusive") and probe_label("inconclusive").startswith("inconclusive")
+    assert all(probe_label(v) != "yes" for v in ("promote", "reject", "inconclusive"))
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.7, 0.45, 0.02, 4, "yes")]
+    within = row("budget probe", 0.7, 0.45, -0.1, 0.01, probe_label("promote"), "promote")
+    claim = check_claims(rows, within)[-1]
+    assert claim["holds"] is None and "not shown: the probe stayed within its budget" in claim["evidence"]
+    assert "gate verdict: promote; inconclusive" in claim["evidence"]
+    over_passed = row("budget probe", 0.7, 0.45, 0.9, 0.5, probe_label("promote"), "promote")
+    assert check_claims(rows, over_passed)[-1]["holds"] is False  # a gate that passes over-budget KL is broken
+    over_rejected = row("budget probe", 0.7, 0.45, 0.9, 0.5, probe_label("reject"), "reject")
+    assert check_claims(rows, over_rejected)[-1]["holds"] is True
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +142,19 @@ def check_report(res: dict, out: Path, cycles: int) -> dict:
     assert probe["kl_budget"] == pytest.approx(max(current_kl / 2, 1e-3))  # below the current policy's KL
     if probe["kl/policy_ref"] > probe["kl_budget"]:
         assert probe["promoted"] == "no (rolled back)" and res["claims"][-1]["holds"] is True
+    # Never promoted: the probe runs with promote=False and is labelled by the gate's verdict.
+    assert probe["promoted"] == probe_label(probe["gate/verdict"]) != "yes"
+    for r in res["stages"][2:]:  # cycles and the probe carry the gate's evidence
+        assert r["gate/verdict"] in ("promote", "reject", "inconclusive"), r
+        assert r["gate/n"] >= 0 and r["gate/threshold"] <= 0.5
+        assert (r["promoted"] == "yes") == (r["gate/verdict"] == "promote" and r["stage"] != "budget probe")
     assert all(c["holds"] in (True, False, None) and c["evidence"] for c in res["claims"])
     assert len(res["claims"]) == 4
     saved = json.loads((out / "report.json").read_text())
     assert saved["stages"] == json.loads(json.dumps(res["stages"]))
     md = (out / "report.md").read_text()
     assert "# tether efficacy report" in md and "## Claims" in md and res["meta"]["machine"] in md
+    assert "## Gate evidence per cycle" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return saved
 
@@ -163,7 +204,8 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
                 "generation": {"max_new_tokens": 10, "batch_size": 8},
                 # The "shorter" stand-in is no judge of HH-RLHF preferences: audited, labelling anyway.
                 "judge": {"llm": {"base_url": judge.base_url, "concurrency": 4}, "audit": {"enforce": False}},
-                "train_pairs": 4, "eval_max_prompts": 3, "kl_prompts": 2,
+                # 4 prompts x 2 samples give at most 4 labels: train on what there is.
+                "train_pairs": 4, "eval_max_prompts": 3, "kl_prompts": 2, "min_fresh_pairs": 1,
                 "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-5, "save_every": None},
             },
         }
@@ -176,6 +218,9 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
     assert judge.n_requests > 0 and all(r.auth_ok for r in judge.requests)
     cycle = res["stages"][2]
     assert 0.0 <= cycle["reward/mean"] <= 1.0
+    # 3 held-out prompts x 1 sample: at most 3 decisive judgments, never enough to promote.
+    assert cycle["gate/n"] <= 3 and cycle["gate/verdict"] in ("inconclusive", "reject")
+    assert cycle["promoted"] in ("no (inconclusive)", "no (rolled back)")
     ckpts = sorted((tmp_path / "report" / "state" / "checkpoints" / "smollm2").iterdir())
     assert [p.name.split("-")[0] for p in ckpts].count("cycle") == 2 and all(is_complete(p) for p in ckpts)
     # The trained checkpoints are plain HF models: transformers loads one and it still chats.
