@@ -188,6 +188,7 @@ def evaluate_checkpoint(
     sampling pi_0 again (they are returned as `samples` when `path` is pi_0 itself, whose win
     rate against itself is 0.5). The checkpoint is evaluated as the merged model it is (LoRA
     off: nothing trains here). `with_kl=False` skips the KL estimate for a caller that has it.
+    `summary` is the full `EvalSummary` (counts, per-prompt rewards: standard errors).
     """
     model, online, state_dir = inputs.model, inputs.online, inputs.state_dir
     plain = model.model_copy(update={"lora": None})
@@ -209,4 +210,4 @@ def evaluate_checkpoint(
         summary = win_rate_summary(gens, baseline, online.judge)
     kl = finite(measure_kl(policy, reference_dir, list(pool.heldout[: online.kl_prompts]), online.kl_samples,
                            online.generation.max_new_tokens, derive_seed(seed, "kl")).metrics()) if with_kl else {}
-    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": kl, "samples": gens}
+    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": kl, "samples": gens, "summary": summary}

@@ -45,7 +45,7 @@ from typing import Any, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from online.config import GateConfig
-from online.stats import MeanBound, mean_bound, sample_sd, welch_bound, wilson_interval
+from online.stats import MeanBound, clustered_stderr, mean_bound, sample_sd, welch_bound, wilson_interval
 
 # Bounds are differences of floats: 0.50 - 0.52 is -0.020000000000000018, which must still
 # count as "exactly at the tolerance".
@@ -151,6 +151,28 @@ class EvalSummary(BaseModel):
             counts=total, per_category_counts=dict(sorted(per_category.items())),
             mean_response_length=mean_response_length,
         )
+
+
+    def stderr(self) -> dict[str, float]:
+        """Standard error of each category's score and of the overall `mean` (key "mean").
+
+        Rewards: clustered by prompt (`online.stats.clustered_stderr`: a prompt's samples are one
+        draw). Win rates: sqrt(p(1-p)/n) over the comparisons, ties counted half as in `p`. NaN
+        where the summary carries neither (e.g. an old one read back from lineage).
+        """
+        if self.prompt_rewards:
+            per: dict[str, list[tuple[float, ...]]] = {}
+            for row in self.prompt_rewards:
+                per.setdefault(row.category, []).append(row.rewards)
+            out = {c: clustered_stderr(g) for c, g in sorted(per.items())}
+            return {**out, "mean": clustered_stderr([r.rewards for r in self.prompt_rewards])}
+        if self.per_category_counts and self.counts is not None:
+            def binomial(p: float, n: int) -> float:
+                return math.sqrt(p * (1 - p) / n) if n else math.nan
+
+            out = {c: binomial(self.per_category[c], w.n) for c, w in self.per_category_counts.items()}
+            return {**out, "mean": binomial(self.mean, self.counts.n)}
+        return {**{c: math.nan for c in self.per_category}, "mean": math.nan}
 
 
 @dataclass(frozen=True)
