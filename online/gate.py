@@ -157,8 +157,9 @@ class EvalSummary(BaseModel):
         """Standard error of each category's score and of the overall `mean` (key "mean").
 
         Rewards: clustered by prompt (`online.stats.clustered_stderr`: a prompt's samples are one
-        draw). Win rates: sqrt(p(1-p)/n) over the comparisons, ties counted half as in `p`. NaN
-        where the summary carries neither (e.g. an old one read back from lineage).
+        draw). Win rates: s/sqrt(n) of the comparisons scored 1 / 0.5 / 0 (win / tie / loss),
+        as the win rate counts them. NaN where the summary carries neither (e.g. an old one read
+        back from lineage) or a unit has fewer than two comparisons.
         """
         if self.prompt_rewards:
             per: dict[str, list[tuple[float, ...]]] = {}
@@ -167,11 +168,13 @@ class EvalSummary(BaseModel):
             out = {c: clustered_stderr(g) for c, g in sorted(per.items())}
             return {**out, "mean": clustered_stderr([r.rewards for r in self.prompt_rewards])}
         if self.per_category_counts and self.counts is not None:
-            def binomial(p: float, n: int) -> float:
-                return math.sqrt(p * (1 - p) / n) if n else math.nan
+            def scored(w: WinCounts) -> float:
+                p = _tie_half(w)
+                spread = w.wins * (1 - p) ** 2 + w.ties * (0.5 - p) ** 2 + w.losses * p**2
+                return math.sqrt(spread / (w.n - 1) / w.n) if w.n > 1 else math.nan
 
-            out = {c: binomial(self.per_category[c], w.n) for c, w in self.per_category_counts.items()}
-            return {**out, "mean": binomial(self.mean, self.counts.n)}
+            out = {c: scored(w) for c, w in self.per_category_counts.items()}
+            return {**out, "mean": scored(self.counts)}
         return {**{c: math.nan for c in self.per_category}, "mean": math.nan}
 
 

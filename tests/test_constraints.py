@@ -229,3 +229,10 @@ def test_two_near_failures_make_no_pair_under_the_margin():
                        responses=("Trains are fast", "Trains Are fast"))]  # 0.5 vs 0.25: a tie at margin 0.3
     judgments, stats = build_judge(cfg).judge_generations(gens)
     assert judgments == [] and stats.ties == 1
+
+
+def test_function_kwargs_need_a_function():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="function_kwargs is set but there is no `function`"):
+        PromptPoolConfig(path="prompts.jsonl", function_kwargs={"questions": "q.jsonl"})
