@@ -10,7 +10,7 @@ clean state dir, a local redis-server), then prints and saves (`<out>/efficacy.j
   alone buys), each cycle and the budget probe;
 - KL(pi || pi_0) with its standard error against the budget; promoted or not, and why;
 - the judge's cost per 1,000 judgments (USD and CPU seconds);
-- the targets of issue 15 checked from those figures, each yes / NO with its numbers:
+- the targets of issue 15 checked from those figures, each yes / NO / not shown with its numbers:
   offline lifts the covered families by >= 0.10; cycles lift the held-out families by >= 0.10
   beyond offline-only; every promoted cycle within the budget; the probe rolled back; every
   covered / held-out pass rate's standard error below 0.05 (per family: reported); the whole
@@ -70,7 +70,8 @@ def check_targets(report: dict[str, Any], wall_s: float) -> list[dict[str, Any]]
          "figures": (f"offline {offline['reward/heldout']:.3f}, best promoted {best['stage']} {best['reward/heldout']:.3f} "
                      f"({lift_held:+.3f})") if best else "no cycle was promoted"},
         {"target": "every promoted cycle is within the KL budget",
-         "met": bool(promoted) and all(r["kl/policy_ref"] <= r["kl_budget"] for r in promoted),
+         # No promoted cycle: nothing to check (the report's claim reads "not shown" too).
+         "met": all(r["kl/policy_ref"] <= r["kl_budget"] for r in promoted) if promoted else None,
          "figures": ", ".join(f"{r['stage']} {r['kl/policy_ref']:.2f} <= {r['kl_budget']:g}" for r in promoted)
                     or "no cycle was promoted"},
         {"target": "the budget probe is rolled back",
@@ -137,7 +138,7 @@ def main() -> int:
           f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after; {report['meta']['machine']}\n")
     print("pass rate per family (c: covered by the static dataset) ± one standard error (clustered by prompt)")
     print("\n".join(family_table(report)))
-    print("\n| stage | KL ± s.e. | budget | promoted | why | judge USD / 1k | judge CPU s / 1k |\n|---|---|---|---|---|---|---|")
+    print("\n| stage | KL ± s.e. | budget | promoted | why | judge USD / 1k | judge s / 1k |\n|---|---|---|---|---|---|---|")
     for r in report["stages"]:
         why = r.get("gate/reasons", "-")
         print(f"| {r['stage']} | {r['kl/policy_ref']:.2f} ± {r.get('kl/stderr', math.nan):.2f} | {r['kl_budget']:.3g} | "
@@ -145,7 +146,7 @@ def main() -> int:
               f"{r.get('judge/cost_per_1k_judgments', math.nan):.2f} | {r.get('judge/seconds_per_1k_judgments', math.nan):.2f} |")
     print("\n| target | met | figures |\n|---|---|---|")
     for t in targets:
-        print(f"| {t['target']} | {'yes' if t['met'] else 'NO'} | {t['figures']} |")
+        print(f"| {t['target']} | {'not shown' if t['met'] is None else 'yes' if t['met'] else 'NO'} | {t['figures']} |")
     print("\n| report claim | holds | evidence |\n|---|---|---|")
     for c in report["claims"]:
         print(f"| {c['claim']} | {'not shown' if c['holds'] is None else 'yes' if c['holds'] else 'NO'} | {c['evidence']} |")

@@ -6,7 +6,8 @@ Contract:
   returns the data section pointing at `<state_dir>/data/anchor-<key>.jsonl`, building the file
   first when it is missing. `<key>` hashes everything the build reads (pi_0's weights'
   identity, the prompt pool, the anchor and generation settings, the judge, the seed), so a
-  changed setting builds a new file and never reuses a stale one. Any other `data.path` goes to
+  changed setting builds a new file and never reuses a stale one (the judge's *code* is not in
+  the key: after editing a rule function, bump `_BUILD_VERSION` or delete the file). Any other `data.path` goes to
   `offline.pipeline.resolve_data` unchanged.
 - The build: pi_0 samples `anchor.k` responses for `anchor.prompts_per_category` TRAINING-side
   prompts of each covered category (the pool's held-out prompts are never used, so evaluation
