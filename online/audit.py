@@ -413,13 +413,13 @@ def run_audit(cfg: AuditInputs, *, tokenizer: Any = None, refresh: bool = False,
     `require_usable`.
     """
     from offline.data import load_preference_dataset
-    from offline.pipeline import resolve_data
+    from online.anchor import resolve_static_data
     from online.judge import build_judge
 
     if cfg.online is None:
         raise ValueError("this config has no `online` section: there is no judge to audit")
     judge_cfg, n = cfg.online.judge, cfg.online.judge.audit.pairs
-    data_cfg = resolve_data(cfg.data, cfg.state_dir)
+    data_cfg = resolve_static_data(cfg)
     if tokenizer is None and data_cfg.format not in ("explicit", "hh"):
         from offline.models import load_tokenizer, resolve_model_dir
 

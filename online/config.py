@@ -74,7 +74,10 @@ class PromptPoolConfig(Section):
     path: Path | None = None
     """JSONL prompt file: `{"prompt", "category"?}` or MT-Bench `{"category", "turns"}` lines."""
     function: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
-    """Python callable `module:function` returning (prompt, category) tuples (instead of `path`)."""
+    """Python callable `module:function` returning (prompt, category) tuples (instead of `path`),
+    or (prompt, category, heldout) triples that choose their side of the split themselves."""
+    function_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments `function` is called with (e.g. the question file a templated pool reads)."""
     chat_template: bool = False
     """Render each prompt as one user turn with the tokenizer's chat template."""
     heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -90,6 +93,8 @@ class PromptPoolConfig(Section):
     def _one_source(self) -> PromptPoolConfig:
         if (self.path is None) == (self.function is None):
             raise ValueError("set exactly one of `path` (a JSONL file) or `function` (module:function)")
+        if self.function_kwargs and self.function is None:
+            raise ValueError("function_kwargs is set but there is no `function` to call with them")
         return self
 
 
@@ -222,6 +227,10 @@ class RuleJudgeConfig(Section):
     """Import path of the scorer, `package.module:function`."""
     min_margin: float = Field(default=0.0, ge=0.0)
     """Smallest best-minus-worst score difference that makes a label (below: tie)."""
+    eval_function: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+    """The scorer evaluation and the gate use instead of `function` (e.g. pass/fail where the
+    judge gives partial credit to rank two failures); None: `function` itself."""
 
 
 class JudgeAuditConfig(Section):
@@ -273,6 +282,18 @@ class JudgeConfig(Section):
         return self
 
 
+class AnchorConfig(Section):
+    """A static dataset built once from pi_0's own samples, labelled by the judge
+    (`data.path: "online:anchor"`; `online.anchor`)."""
+
+    categories: tuple[str, ...] = Field(min_length=1)
+    """Prompt-pool categories the static dataset covers (the others stay uncovered)."""
+    prompts_per_category: int = Field(default=32, gt=0)
+    """Training-side prompts drawn per covered category (fewer when the pool has fewer)."""
+    k: int = Field(default=4, ge=2)
+    """Samples of pi_0 per prompt; the judge pairs the best with the worst."""
+
+
 class OnlineConfig(Section):
     """Online refresh cycles: what to generate, how to judge, how to mix, when to promote."""
 
@@ -294,6 +315,8 @@ class OnlineConfig(Section):
     """Pairs in each cycle's mixed training set."""
     train: TrainConfig | None = None
     """Training settings for cycles (None: the top-level `train` section)."""
+    anchor: AnchorConfig | None = None
+    """Build the static dataset from pi_0's samples (with `data.path: "online:anchor"`)."""
     min_fresh_pairs: int = Field(default=8, ge=0)
     """Fewest labels the judge must produce in a cycle for it to train; with fewer the cycle is
     recorded inconclusive (not trained, not promoted, the mix unchanged). 0: always train."""

@@ -40,10 +40,11 @@ Scorer = Callable[[list[tuple[str, str]]], list[float]]
 
 
 def make_scorer(judge_cfg: JudgeConfig) -> Scorer:
-    """The rule or the reward model as a scalar scorer (an LLM judge has none: use win rates)."""
+    """The rule (its `eval_function` when set) or the reward model as a scalar scorer (an LLM
+    judge has none: use win rates)."""
     if judge_cfg.kind == "rule":
         assert judge_cfg.rule is not None
-        fn = load_callable(judge_cfg.rule.function)
+        fn = load_callable(judge_cfg.rule.eval_function or judge_cfg.rule.function)
         return lambda items: [float(fn(p, r)) for p, r in items]
     if judge_cfg.kind == "reward_model":
         rm = build_judge(judge_cfg)
@@ -187,6 +188,7 @@ def evaluate_checkpoint(
     sampling pi_0 again (they are returned as `samples` when `path` is pi_0 itself, whose win
     rate against itself is 0.5). The checkpoint is evaluated as the merged model it is (LoRA
     off: nothing trains here). `with_kl=False` skips the KL estimate for a caller that has it.
+    `summary` is the full `EvalSummary` (counts, per-prompt rewards: standard errors).
     """
     model, online, state_dir = inputs.model, inputs.online, inputs.state_dir
     plain = model.model_copy(update={"lora": None})
@@ -208,4 +210,4 @@ def evaluate_checkpoint(
         summary = win_rate_summary(gens, baseline, online.judge)
     kl = finite(measure_kl(policy, reference_dir, list(pool.heldout[: online.kl_prompts]), online.kl_samples,
                            online.generation.max_new_tokens, derive_seed(seed, "kl")).metrics()) if with_kl else {}
-    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": kl, "samples": gens}
+    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": kl, "samples": gens, "summary": summary}

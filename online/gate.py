@@ -45,7 +45,7 @@ from typing import Any, Iterable, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from online.config import GateConfig
-from online.stats import MeanBound, mean_bound, sample_sd, welch_bound, wilson_interval
+from online.stats import MeanBound, clustered_stderr, mean_bound, sample_sd, welch_bound, wilson_interval
 
 # Bounds are differences of floats: 0.50 - 0.52 is -0.020000000000000018, which must still
 # count as "exactly at the tolerance".
@@ -151,6 +151,31 @@ class EvalSummary(BaseModel):
             counts=total, per_category_counts=dict(sorted(per_category.items())),
             mean_response_length=mean_response_length,
         )
+
+
+    def stderr(self) -> dict[str, float]:
+        """Standard error of each category's score and of the overall `mean` (key "mean").
+
+        Rewards: clustered by prompt (`online.stats.clustered_stderr`: a prompt's samples are one
+        draw). Win rates: s/sqrt(n) of the comparisons scored 1 / 0.5 / 0 (win / tie / loss),
+        as the win rate counts them. NaN where the summary carries neither (e.g. an old one read
+        back from lineage) or a unit has fewer than two comparisons.
+        """
+        if self.prompt_rewards:
+            per: dict[str, list[tuple[float, ...]]] = {}
+            for row in self.prompt_rewards:
+                per.setdefault(row.category, []).append(row.rewards)
+            out = {c: clustered_stderr(g) for c, g in sorted(per.items())}
+            return {**out, "mean": clustered_stderr([r.rewards for r in self.prompt_rewards])}
+        if self.per_category_counts and self.counts is not None:
+            def scored(w: WinCounts) -> float:
+                p = _tie_half(w)
+                spread = w.wins * (1 - p) ** 2 + w.ties * (0.5 - p) ** 2 + w.losses * p**2
+                return math.sqrt(spread / (w.n - 1) / w.n) if w.n > 1 else math.nan
+
+            out = {c: scored(w) for c, w in self.per_category_counts.items()}
+            return {**out, "mean": scored(self.counts)}
+        return {**{c: math.nan for c in self.per_category}, "mean": math.nan}
 
 
 @dataclass(frozen=True)

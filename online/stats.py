@@ -8,6 +8,8 @@ Contract: the one home of tether's interval math.
   its continued fraction, inverted by bisection; exact to ~1e-10).
 - `mean_bound(values, confidence)`: the two-sided t interval of a mean (a paired difference).
 - `sample_sd(values)`: the (n - 1) standard deviation.
+- `clustered_stderr(groups)`: the standard error of a mean over samples that come in groups
+  (a prompt's samples), each group one independent draw.
 - `welch_bound(a, b, confidence)`: the t interval of mean(a) - mean(b) for two independent
   samples with unequal variances (Welch 1947, Welch-Satterthwaite degrees of freedom).
 Every interval is two-sided at `confidence`; the gate reads its lower end, so a 0.95 interval
@@ -179,3 +181,18 @@ def welch_bound(mean_a: float, sd_a: float, n_a: int, mean_b: float, sd_b: float
     se = math.sqrt(va + vb)
     df = (va + vb) ** 2 / (va * va / (n_a - 1) + vb * vb / (n_b - 1)) if se > 0 else float(n_a + n_b - 2)
     return _bound(n, mean_a - mean_b, se, df, confidence)
+
+
+def clustered_stderr(groups: Sequence[Sequence[float]]) -> float:
+    """Standard error of the mean of all values, the groups (e.g. each prompt's samples) being
+    the independent draws: sqrt(G/(G-1) * sum_g (sum_i (y_gi - ybar))^2) / N, the cluster-robust
+    (CR1) variance of a mean. With one sample per group it is the familiar s/sqrt(N); samples of
+    one prompt share its difficulty, so they count for less than as many separate prompts.
+    NaN with fewer than two non-empty groups (no spread between draws to measure)."""
+    rows = [list(g) for g in groups if len(g)]
+    n = sum(len(g) for g in rows)
+    if len(rows) < 2:
+        return math.nan
+    mean = sum(sum(g) for g in rows) / n
+    between = sum(sum(v - mean for v in g) ** 2 for g in rows)
+    return math.sqrt(len(rows) / (len(rows) - 1) * between) / n

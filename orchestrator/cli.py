@@ -128,6 +128,12 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 
+def _pm(row: dict[str, Any], group: str) -> str:
+    """"±s.e." of a stage's covered/held-out score, when the report measured one."""
+    se = row.get(f"stderr/{group}", float("nan"))
+    return f"±{se:.3f}" if isinstance(se, float) and math.isfinite(se) else ""
+
+
 def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
     """The per-stage table of `tether demo` / `tether report`."""
     score = "reward" if metric == "reward" else "win rate vs the initial policy"
@@ -140,7 +146,7 @@ def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
     for r in rows:
         kl, se = r["kl/policy_ref"], r.get("kl/stderr", float("nan"))
         n, lower, threshold = (r.get(k, float("nan")) for k in ("gate/n", "gate/lower_bound", "gate/threshold"))
-        table.add_row(r["stage"], f"{r['reward/covered']:.3f}", f"{r['reward/heldout']:.3f}",
+        table.add_row(r["stage"], f"{r['reward/covered']:.3f}{_pm(r, 'covered')}", f"{r['reward/heldout']:.3f}{_pm(r, 'heldout')}",
                       f"{kl:.3f}" + (f"±{se:.2f}" if math.isfinite(se) else ""), f"{r['kl_budget']:.3g}",
                       str(r["promoted"]),
                       *([f"n={n:.0f}, {lower:+.3f} vs {threshold:+.3f}" if math.isfinite(n) else "-"] if gate else []))
@@ -230,9 +236,9 @@ def eval_(
 def _covered_categories(cfg) -> set[str]:
     from offline.data import load_preference_dataset
     from offline.models import load_tokenizer, resolve_model_dir
-    from offline.pipeline import resolve_data
+    from online.anchor import resolve_static_data
 
-    ds = load_preference_dataset(resolve_data(cfg.data, cfg.state_dir), tokenizer=load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir)))
+    ds = load_preference_dataset(resolve_static_data(cfg), tokenizer=load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir)))
     return {p.category for p in ds.train if p.category}
 
 

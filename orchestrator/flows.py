@@ -30,12 +30,14 @@ from prefect.utilities.annotations import opaque
 from offline import pipeline
 from offline.reference import ensure_reference_logps
 from offline.registry import PolicyRegistry
+from online.anchor import resolve_static_data
 from orchestrator.artifacts import audit_markdown, config_markdown, markdown_table, metrics_rows, sparkline
 from orchestrator.config import TetherConfig, load_config, redacted_dump
 from orchestrator.tracking import RunTracker, cycle_metrics, open_run
 
 if TYPE_CHECKING:
     from online.config import CycleInputs
+    from online.gate import EvalSummary
     from online.cycle import CycleReport
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -90,6 +92,7 @@ def _task(name: str) -> Callable[[F], F]:
     return wrap
 
 
+static_data_task = _task("static-dataset")(resolve_static_data)
 load_policy_task = _task("load-policy")(pipeline.load_initial_policy)
 load_data_task = _task("load-and-validate")(pipeline.load_and_validate)
 coverage_task = _task("coverage-report")(pipeline.build_coverage)
@@ -127,7 +130,7 @@ def run_offline(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | 
     resolved = redacted_dump(cfg)
     state = cfg.state_dir
 
-    data_cfg = pipeline.resolve_data(cfg.data, state)
+    data_cfg = static_data_task(cfg)
     policy = load_policy_task(cfg.model, state)
     dataset = load_data_task(data_cfg, policy.tokenizer)
     coverage = coverage_task(dataset, policy.tokenizer, data_cfg)
@@ -243,7 +246,7 @@ def cycle_inputs(cfg: TetherConfig) -> "CycleInputs":
     if cfg.online is None:
         raise ValueError("this config has no `online` section: add one to run refresh cycles (see configs/demo.yaml)")
     return CycleInputs(
-        model=cfg.model, data=pipeline.resolve_data(cfg.data, cfg.state_dir), train=cfg.train, online=cfg.online,
+        model=cfg.model, data=resolve_static_data(cfg), train=cfg.train, online=cfg.online,
         state_dir=cfg.state_dir, name=cfg.name, seed=cfg.seed, config_dump=redacted_dump(cfg),
     )
 
@@ -461,6 +464,7 @@ def hybrid_demo(
         stage_row("initial", initial["reward"], initial["kl"], budget, covered, "-"),
         stage_row("offline", offline_eval["reward"], offline_eval["kl"], budget, covered, "yes"),
     ]
+    summaries = {"initial": initial["summary"], "offline": offline_eval["summary"]}
     reports = []
     for i in range(cycles if cycles is not None else inputs.online.cycles):
         rep = refresh_cycle(config_path, overrides, run_label=f"{run_label}-{i + 1}", progress=progress, config=cfg)
@@ -469,8 +473,10 @@ def hybrid_demo(
             continue
         # The cycle's own `after` is the reward (or, with an LLM judge, the win rate against
         # its parent); the stages table wants the same yardstick as the other rows.
-        after = (score(inputs, rep["checkpoint"]["path"], cfg.seed, baseline, with_kl=False)["reward"]
-                 if by_win_rate and rep["checkpoint"] else rep["after"])
+        rescored = score(inputs, rep["checkpoint"]["path"], cfg.seed, baseline, with_kl=False) \
+            if by_win_rate and rep["checkpoint"] else None
+        after = rescored["reward"] if rescored else rep["after"]
+        summaries[f"cycle {rep['index']}"] = rescored["summary"] if rescored else cycle_summary(rep)
         rows.append(stage_row(f"cycle {rep['index']}", after, rep["kl"], budget, covered, outcome_label(rep)))
     create_markdown_artifact(
         "# Hybrid demo: reward per stage\n\nCovered categories (in the static dataset): "
@@ -478,4 +484,16 @@ def hybrid_demo(
         key="demo-stages", description="Initial vs offline vs online cycles",
     )
     return {"stages": rows, "cycles": reports, "offline": off, "covered": sorted(covered),
-            "metric": inputs.online.gate.metric, "baseline": baseline}
+            "metric": inputs.online.gate.metric, "baseline": baseline, "summaries": summaries}
+
+
+def cycle_summary(rep: dict[str, Any]) -> "EvalSummary | None":
+    """A cycle's evaluation of its candidate (`final_metrics.after` in the checkpoint's lineage:
+    counts and per-prompt rewards); None for a cycle that saved no checkpoint."""
+    from offline.checkpoint import read_lineage
+    from online.gate import EvalSummary
+
+    if not rep.get("checkpoint"):
+        return None
+    after = read_lineage(rep["checkpoint"]["path"]).get("final_metrics", {}).get("after")
+    return EvalSummary.model_validate(after) if after else None

@@ -1,7 +1,9 @@
-"""The efficacy report: does the hybrid loop do what it claims, on the demo task, with a fixed seed?
+"""The efficacy report: does the hybrid loop do what it claims, on a task, with a fixed seed?
 
-Stages, each scored the same way (rule reward of the policy's own samples on held-out prompts,
-KL to pi_0): the initial policy, the offline-only baseline, N online refresh cycles, and one
+Any config with an online section: the demo task, the SmolLM2 instruction-constraints task
+(configs/smollm2-constraints.yaml, scored by its pass rate), the SmolLM2 HH-RLHF path (win
+rates). Stages, each scored the same way (the evaluation scorer's mean over the policy's own
+samples on held-out prompts, with its standard error, clustered by prompt; KL to pi_0): the initial policy, the offline-only baseline, N online refresh cycles, and one
 deliberate **budget probe** (a cycle run with its KL budget set below the KL the policy already
 has), which must be rolled back. The probe runs with `promote=False`: whatever the gate says,
 the pointer never moves, and a probe the gate would have passed (its KL estimate came out
@@ -58,6 +60,34 @@ def gate_columns(rep: dict[str, Any]) -> dict[str, Any]:
             **{c: gate.get(c, float("nan")) for c in GATE_COLUMNS if c != "gate/verdict"}}
 
 
+def stderr_columns(stderr: dict[str, float] | None, covered: set[str]) -> dict[str, float]:
+    """A stage's standard errors as row columns (pure): `stderr/<category>`, `stderr/mean`, and
+    `stderr/covered` / `stderr/heldout` for the unweighted means of category means that
+    `reward/covered` / `reward/heldout` are (independent categories: sqrt(sum se^2) / C).
+    NaN throughout when the stage's evaluation carried no spread (`stderr` None)."""
+    se = dict(stderr or {})
+    cats = [c for c in se if c != "mean"]
+
+    def pooled(group: list[str]) -> float:
+        return math.sqrt(sum(se[c] ** 2 for c in group)) / len(group) if group else math.nan
+
+    return {
+        "stderr/covered": pooled([c for c in cats if c in covered]),
+        "stderr/heldout": pooled([c for c in cats if c not in covered]),
+        "stderr/mean": se.get("mean", math.nan),
+        **{f"stderr/{c}": se[c] for c in sorted(cats)},
+    }
+
+
+def decision_columns(rep: dict[str, Any]) -> dict[str, Any]:
+    """Why a cycle was promoted or not (the gate's reasons, joined), and the judge's time per
+    1,000 labels (a rule judge costs no money, but it costs CPU)."""
+    labels = rep.get("judge", {}).get("judge/judgments", 0.0)
+    seconds = rep.get("seconds", {}).get("judge", math.nan)
+    return {"gate/reasons": "; ".join(rep.get("reasons") or []) or "-",
+            "judge/seconds_per_1k_judgments": 1000.0 * seconds / labels if labels else math.nan}
+
+
 def probe_label(verdict: str) -> str:
     """The probe's outcome: rolled back by the gate, or inconclusive (never "yes": it cannot promote)."""
     if verdict == "reject":
@@ -80,14 +110,16 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
     cycles = [r for r in rows if r["stage"].startswith("cycle")]
     promoted = [r for r in cycles if r["promoted"] == "yes"]
     inconclusive = [r["stage"] for r in cycles if r.get("gate/verdict") == "inconclusive"]
-    best_cycle = max((r["reward/heldout"] for r in promoted), default=float("nan"))
+    best_row = max(promoted, key=lambda r: r["reward/heldout"], default={})
+    best_cycle = best_row.get("reward/heldout", float("nan"))
     out = []
     if initial and offline:
         before, after = initial["reward/covered"], offline["reward/covered"]
         measurable = math.isfinite(before) and math.isfinite(after)
         out.append({
             "claim": "offline DPO improves the covered categories",
-            "evidence": f"covered reward {before:.3f} -> {after:.3f}" if measurable
+            "evidence": f"covered reward {before:.3f}{_pm(initial, 'covered')} -> {after:.3f}{_pm(offline, 'covered')}"
+                        if measurable
                         else "not measurable: no prompt-pool category is in the static dataset",
             "holds": after > before + tolerance if measurable else None,
         })
@@ -97,7 +129,8 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
         unshown = not promoted and bool(inconclusive)
         out.append({
             "claim": "online cycles improve the held-out categories beyond offline-only",
-            "evidence": (f"held-out reward offline {offline['reward/heldout']:.3f}, best promoted cycle {best_cycle:.3f}"
+            "evidence": (f"held-out reward offline {offline['reward/heldout']:.3f}{_pm(offline, 'heldout')}, "
+                         f"best promoted cycle {best_cycle:.3f}{_pm(best_row, 'heldout')}"
                          if promoted else "no cycle was promoted"
                          + (f"; not shown: {', '.join(inconclusive)} inconclusive (too little evidence)"
                             if inconclusive else "")) if measurable
@@ -128,6 +161,12 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
     return out
 
 
+def _pm(row: dict[str, Any], group: str) -> str:
+    """" ± s.e." of a row's covered/held-out score, when the row has one."""
+    se = row.get(f"stderr/{group}", math.nan)
+    return f" ± {se:.3f}" if isinstance(se, float) and math.isfinite(se) else ""
+
+
 def plot(rows: list[dict[str, Any]], path: Path, metric: str = "reward") -> Path:
     """Reward per category and KL vs budget, per stage (matplotlib, Agg backend)."""
     import matplotlib
@@ -140,8 +179,11 @@ def plot(rows: list[dict[str, Any]], path: Path, metric: str = "reward") -> Path
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     for c in cats:
         ax1.plot(stages, [r.get(f"reward/{c}", math.nan) for r in rows], marker="o", label=c)
-    ax1.plot(stages, [r["reward/covered"] for r in rows], "k--", lw=2, label="covered (mean)")
-    ax1.plot(stages, [r["reward/heldout"] for r in rows], "k:", lw=2, label="held-out (mean)")
+    for group, style, label in (("covered", "k--", "covered (mean)"), ("heldout", "k:", "held-out (mean)")):
+        # Error bars: +-1 standard error where the evaluation carried one.
+        err = [r.get(f"stderr/{group}", math.nan) for r in rows]
+        ax1.errorbar(stages, [r[f"reward/{group}"] for r in rows], yerr=[0.0 if math.isnan(e) else e for e in err],
+                     fmt=style, lw=2, capsize=3, label=label)
     ax1.set_title("reward on held-out prompts" if metric == "reward" else "win rate vs the initial policy")
     ax1.set_ylabel(metric)
     ax1.legend(fontsize=7, ncol=2)
@@ -159,7 +201,7 @@ def plot(rows: list[dict[str, Any]], path: Path, metric: str = "reward") -> Path
 
 
 METRIC_LABEL = {
-    "reward": "the judge's reward of the policy's own samples on held-out prompts",
+    "reward": "the mean score ({scorer}) of the policy's own samples on held-out prompts",
     "win_rate": "win rate of the policy's samples against the initial policy's (LLM judge, both orders; "
                 "ties count half), on held-out prompts",
 }
@@ -192,15 +234,19 @@ def verdict(holds: bool | None) -> str:
 def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Path]:
     """report.md / report.json / report.png under `out_dir`."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    cols = ["stage", "reward/covered", "reward/heldout", "reward/mean", "kl/policy_ref", "kl/stderr", "kl_budget",
-            "promoted", "judge/cost_per_1k_judgments"]
+    cols = ["stage", "reward/covered", "stderr/covered", "reward/heldout", "stderr/heldout", "reward/mean",
+            "kl/policy_ref", "kl/stderr", "kl_budget", "promoted", "judge/cost_per_1k_judgments",
+            "judge/seconds_per_1k_judgments"]
     md = "\n\n".join([
         "# tether efficacy report",
         f"Measured {meta['date']} on {meta['machine']}; config `{meta['config']}`, seed {meta['seed']}, "
         f"{meta['cycles']} cycles + 1 budget probe; {meta['seconds']:.0f} s.",
         f"Covered categories (in the static dataset): {', '.join(meta['covered']) or 'none'}. "
-        f"Score: {METRIC_LABEL[meta.get('metric', 'reward')]}.",
+        f"Score: {METRIC_LABEL[meta.get('metric', 'reward')].format(scorer=meta.get('scorer', 'the judge'))}; "
+        "± is one standard error (clustered by prompt; covered/held-out: of the mean of category means).",
         markdown_table(rows, cols),
+        "## Why each cycle was promoted or not",
+        markdown_table([r for r in rows if "gate/reasons" in r], ["stage", "promoted", "gate/reasons"]),
         "## Gate evidence per cycle",
         f"Lower bounds are the low end of a two-sided {meta.get('confidence', 0.95):.0%} interval; a unit passes when "
         f"its bound is >= the threshold, and needs at least {meta.get('min_decisive', '?')} decisive judgments / "
@@ -214,14 +260,35 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[st
         "anchor pairs the cycle's training actually saw; the judge audit's agreement with human labels.",
         markdown_table([r for r in rows if "judge/asked" in r],
                        ["stage", *JUDGE_COLUMNS, "judge_audit/agreement", "flags"]),
-        "## Reward per category",
-        markdown_table(rows, ["stage"] + sorted(k for k in rows[0] if k.startswith("reward/"))),
+        "## Score per category (± one standard error)",
+        markdown_table(per_category_rows(rows)),
     ])
     paths = {"md": out_dir / "report.md", "json": out_dir / "report.json", "png": out_dir / "report.png"}
     paths["md"].write_text(md + "\n", encoding="utf-8")
     paths["json"].write_text(json.dumps({"meta": meta, "stages": rows, "claims": claims}, indent=2, default=str))
     plot(rows, paths["png"], meta.get("metric", "reward"))
     return paths
+
+
+def per_category_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Each stage's score per category as "value ± s.e." cells (pure)."""
+    cats = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("reward/")} - {"covered", "heldout", "mean"})
+    out = []
+    for r in rows:
+        cell = {}
+        for c in [*cats, "covered", "heldout", "mean"]:
+            v, se = r.get(f"reward/{c}", math.nan), r.get(f"stderr/{c}", math.nan)
+            cell[c] = f"{v:.3f}" + (f" ± {se:.3f}" if isinstance(se, float) and math.isfinite(se) else "")
+        out.append({"stage": r["stage"], **cell})
+    return out
+
+
+def scorer_name(cfg: Any) -> str:
+    """What the stages are scored by, for the report's heading."""
+    judge = cfg.online.judge
+    if judge.kind == "rule" and judge.rule is not None:
+        return f"`{judge.rule.eval_function or judge.rule.function}`"
+    return "the reward model" if judge.kind == "reward_model" else "the judge"
 
 
 def machine() -> str:
@@ -250,10 +317,15 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
     cost = {f"cycle {c['index']}": c["judge"].get("judge/cost_per_1k_judgments", 0.0) for c in demo["cycles"] if not c.get("skipped")}
     judged = {f"cycle {c['index']}": judge_columns(c) for c in demo["cycles"] if not c.get("skipped")}
     gates = {f"cycle {c['index']}": gate_columns(c) for c in demo["cycles"] if not c.get("skipped")}
+    decided = {f"cycle {c['index']}": decision_columns(c) for c in demo["cycles"] if not c.get("skipped")}
+    covered = set(demo["covered"])
     for r in rows:
         r["judge/cost_per_1k_judgments"] = cost.get(r["stage"], float("nan"))
         r.update(judged.get(r["stage"], {}))
         r.update(gates.get(r["stage"], gate_columns({})))
+        r.update(decided.get(r["stage"], {}))
+        summary = demo["summaries"].get(r["stage"])
+        r.update(stderr_columns(summary.stderr() if summary is not None else None, covered))
 
     # The budget probe: the current policy already sits at KL ~ k from pi_0; a budget of k/2
     # must make the gate refuse the next candidate, however good its reward.
@@ -266,15 +338,17 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
                         promote=False)
     probe = None
     if not rep.get("skipped"):
-        from orchestrator.flows import cycle_inputs, stage_row
+        from orchestrator.flows import cycle_inputs, cycle_summary, stage_row
         from online.evaluate import evaluate_checkpoint
 
-        after = rep["after"]
+        after, summary = rep["after"], cycle_summary(rep)
         if demo["metric"] == "win_rate" and rep["checkpoint"]:  # the same yardstick as the other rows: vs pi_0
-            after = evaluate_checkpoint(cycle_inputs(probe_cfg), rep["checkpoint"]["path"], base.seed, demo["baseline"],
-                                        with_kl=False)["reward"]
-        probe = stage_row("budget probe", after, rep["kl"], probe_budget, set(demo["covered"]),
-                          probe_label(rep["verdict"]))
+            rescored = evaluate_checkpoint(cycle_inputs(probe_cfg), rep["checkpoint"]["path"], base.seed,
+                                           demo["baseline"], with_kl=False)
+            after, summary = rescored["reward"], rescored["summary"]
+        probe = stage_row("budget probe", after, rep["kl"], probe_budget, covered, probe_label(rep["verdict"]))
+        probe.update(decision_columns(rep))
+        probe.update(stderr_columns(summary.stderr() if summary is not None else None, covered))
         probe["judge/cost_per_1k_judgments"] = rep["judge"].get("judge/cost_per_1k_judgments", 0.0)
         probe.update(judge_columns(rep))
         probe.update(gate_columns(rep))
@@ -284,6 +358,7 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
         "config": config_path, "seed": base.seed, "cycles": cycles, "covered": demo["covered"], "metric": demo["metric"],
         "confidence": base.online.gate.confidence, "min_decisive": base.online.gate.min_decisive,
+        "scorer": scorer_name(base),
         "seconds": time.perf_counter() - t0,
     }
     paths = write_report(out_dir, rows, claims, meta)

@@ -103,13 +103,13 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 def plain_inputs(cfg):
     """`orchestrator.flows.cycle_inputs` without prefect."""
-    from offline.pipeline import resolve_data
+    from online.anchor import resolve_static_data
     from online.cycle import CycleInputs
     from orchestrator.config import redacted_dump
 
     assert cfg.online is not None
     return CycleInputs(
-        model=cfg.model, data=resolve_data(cfg.data, cfg.state_dir), train=cfg.train, online=cfg.online,
+        model=cfg.model, data=resolve_static_data(cfg), train=cfg.train, online=cfg.online,
         state_dir=cfg.state_dir, name=cfg.name, seed=cfg.seed, config_dump=redacted_dump(cfg),
     )
 

