@@ -370,7 +370,7 @@ def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int =
             with FakeOpenAIServer(storm=JUDGE_FAULTS[fault], seed=run, retry_after="0.02",
                                   timeout_sleep_s=0.5, marker=MARKER) as server:
                 judgments, stats = LLMJudge(LLMJudgeConfig(base_url=server.base_url, **cfg)).judge_generations(gens)
-                deadline = time.monotonic() + 2.0  # a request the client timed out may be logged late
+                deadline = time.monotonic() + 5.0  # a request the client timed out may be logged late
                 while server.n_requests < stats.calls and time.monotonic() < deadline:
                     time.sleep(0.01)
                 served = server.n_requests
@@ -383,7 +383,12 @@ def judge_faults(redis_url: str, fault: str, runs: int = 2, n_generations: int =
         row.check(stats.retries == stats.calls - 2 * n_pairs,
                   f"run {run}: retries {stats.retries} != calls {stats.calls} - 2 x {n_pairs} pairs")
         if served is not None:
-            row.check(stats.calls == served, f"run {run}: judge counted {stats.calls} calls, server saw {served}")
+            # Every request the server saw was counted. A call can go unseen only when it failed
+            # before reaching the server (a connect that timed out on a loaded machine), and such
+            # a call failed, so it is a retry or an error, never a label.
+            row.check(served <= stats.calls and stats.calls - served <= stats.retries + stats.errors,
+                      f"run {run}: judge counted {stats.calls} calls ({stats.retries} retries, "
+                      f"{stats.errors} errors), server saw {served}")
         row.check(stats.retries > 0, f"run {run}: no retries under '{fault}'")
         if fault.startswith("garbage"):  # those replies cannot be retried into labels: some must drop
             row.check(stats.errors + stats.unparseable + stats.ties > 0, f"run {run}: nothing dropped under '{fault}'")

@@ -419,10 +419,12 @@ def test_openai_chat_api_sends_the_prompt_as_one_user_message(server):
     assert [g.responses for g in out] == [
         tuple(f"{p}|{derive_seed(3, i)}|{j}" for j in range(2)) for i, (p, _) in enumerate(PROMPTS[:2])
     ]
-    path, body, _ = server.requests[0]
-    assert path == "/v1/chat/completions"
-    assert body["messages"] == [{"role": "user", "content": PROMPTS[0][0]}] and "prompt" not in body
-    assert (body["top_k"], body["repetition_penalty"], body["n"]) == (-1, 1.0, 2)
+    # The two prompts' requests run concurrently: their order at the server is not fixed.
+    assert sorted(r[0] for r in server.requests) == ["/v1/chat/completions"] * 2
+    bodies = sorted((r[1] for r in server.requests), key=lambda b: b["messages"][0]["content"])
+    assert [b["messages"] for b in bodies] == sorted([[{"role": "user", "content": p}] for p, _ in PROMPTS[:2]],
+                                                     key=lambda m: m[0]["content"])
+    assert all("prompt" not in b and (b["top_k"], b["repetition_penalty"], b["n"]) == (-1, 1.0, 2) for b in bodies)
 
 
 def test_openai_token_ids_prompt_sends_the_policy_tokenizers_ids(server, tokenizer):
