@@ -37,6 +37,7 @@ from offline.logps import (
     sequence_logps,
     supports_shared_prompt,
 )
+from offline.token_store import pair_ids
 from offline.tokenize import TokenizedPair
 
 if TYPE_CHECKING:
@@ -257,7 +258,7 @@ def check_reference_logps(
     reference_logps: Mapping[str, tuple[float, float]], pairs: Sequence[TokenizedPair]
 ) -> None:
     """Raise if `reference_logps` lacks any of `pairs`, saying how many and which (first few)."""
-    missing = [p.pair_id for p in pairs if p.pair_id not in reference_logps]
+    missing = [pid for pid in pair_ids(pairs) if pid not in reference_logps]
     if missing:
         raise ValueError(
             f"reference_logps lacks {len(missing)} of {len(pairs)} pairs (e.g. {missing[:3]}): "

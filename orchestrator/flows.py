@@ -1,10 +1,10 @@
 """Prefect flows: each reads like the pipeline sentence, each step a task over a plain function.
 
-`offline_baseline`: load + validate -> coverage report -> reference log-probs -> train ->
-evaluate -> checkpoint (-> promote as the current policy). Every step is a function in
-`offline.pipeline`; the tasks here only add names, logs and artifacts so the run is legible in
-the Prefect UI. Tasks take live models, so result caching is off (`NO_CACHE`): hashing a model
-would cost more than the step.
+`offline_baseline`: load + validate + tokenise (token ids cached) -> coverage report ->
+reference log-probs -> train -> evaluate -> checkpoint (-> promote as the current policy). Every
+step is a function in `offline.pipeline`; the tasks here only add names, logs and artifacts so
+the run is legible in the Prefect UI. Tasks take live models, so result caching is off
+(`NO_CACHE`): hashing a model would cost more than the step.
 
 Call `orchestrator.runtime.configure_prefect()` before importing this module.
 """
@@ -27,6 +27,7 @@ from prefect.utilities.annotations import opaque
 
 from offline import pipeline
 from offline.reference import ensure_reference_logps
+from offline.tokenized import cache_dir_of
 from offline.registry import PolicyRegistry
 from orchestrator.artifacts import config_markdown, markdown_table, metrics_rows, sparkline
 from orchestrator.config import TetherConfig, load_config, redacted_dump
@@ -80,7 +81,6 @@ def _task(name: str) -> Callable[[F], F]:
 load_policy_task = _task("load-policy")(pipeline.load_initial_policy)
 load_data_task = _task("load-and-validate")(pipeline.load_and_validate)
 coverage_task = _task("coverage-report")(pipeline.build_coverage)
-tokenize_task = _task("tokenize")(pipeline.tokenize_dataset)
 reference_task = _task("reference-logps")(ensure_reference_logps)
 train_task = _task("train")(pipeline.train_policy)
 evaluate_task = _task("evaluate")(pipeline.evaluate_policy)
@@ -114,21 +114,21 @@ def run_offline(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
 
     data_cfg = pipeline.resolve_data(cfg.data, state)
     policy = load_policy_task(cfg.model, state)
-    dataset = load_data_task(data_cfg, policy.tokenizer)
-    coverage = coverage_task(dataset, policy.tokenizer, data_cfg)
+    # load + validate + tokenise, streamed; the token ids are cached (memory-mapped) for the next run
+    dataset = load_data_task(data_cfg, policy.tokenizer, cache_dir_of(state), progress)
+    coverage = coverage_task(dataset)
     create_markdown_artifact(
         coverage.to_markdown(), key="coverage-report",
         description=f"Coverage of {dataset.source} ({dataset.fingerprint[:12]})",
     )
-    toks = tokenize_task(dataset, policy.tokenizer, data_cfg)
 
     cache_dir = state / "cache" / "reference-logps"
-    ref = reference_task(policy, toks.train + toks.heldout, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress)
-    before = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
+    ref = reference_task(policy, dataset.pairs, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress)
+    before = evaluate_task(policy, dataset.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
 
     resume_dir = state / "resume" / f"offline-{dataset.fingerprint[:8]}-{config_key(resolved)}"
-    result = train_task(policy, toks.train, ref, cfg.train, resume_dir, None, progress)
-    after = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
+    result = train_task(policy, dataset.train, ref, cfg.train, resume_dir, None, progress)
+    after = evaluate_task(policy, dataset.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
 
     metrics: dict[str, Any] = {
         "train/steps": result.steps,
