@@ -137,7 +137,9 @@ class StoreBuilder:
         """Add B pairs: `tokens` their kept ids back to back, `lengths`/`raw_lengths` (B, 3)."""
         tokens = np.ascontiguousarray(tokens, dtype="<i4")
         if self._file is not None:
-            self._file.write(memoryview(tokens).cast("B"))
+            view = memoryview(tokens).cast("B")
+            while view:  # an unbuffered file may take less than all of it
+                view = view[self._file.write(view) :]
         else:
             self._chunks.append(tokens)
         self.n_tokens += len(tokens)

@@ -157,7 +157,9 @@ def load_tokenized_dataset(
     cached = store is not None
     if store is None:  # pass 2: tokenise into the entry, published whole or not at all
         try:
-            with atomic_dir(final) as tmp, open(tmp / TOKENS_FILE, "wb") as fh:
+            # a damaged entry (unreadable above) is replaced; a missing one must stay missing
+            # until ours is complete (another writer's finished entry wins, same content)
+            with atomic_dir(final, overwrite=final.exists()) as tmp, open(tmp / TOKENS_FILE, "wb", buffering=0) as fh:
                 builder = StoreBuilder(fh)
                 _tokenize_source(cfg, tokenizer, eos_id, builder, LoadStats(), ids, progress)
                 builder.finish(heldout=np.fromiter((c in held for c in ids), dtype=bool, count=len(ids)),
