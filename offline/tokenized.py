@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 from array import array
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -206,18 +207,39 @@ def _tokenize_source(
     expect: Sequence[str] | None, progress: bool,
 ) -> list[str]:
     """Stream `cfg`'s valid pairs through the tokenizer into `builder`; returns their content
-    ids. With `expect` (pass 1's ids) the pairs must be exactly those, in that order."""
+    ids. With `expect` (pass 1's ids) the pairs must be exactly those, in that order.
+
+    One worker thread tokenises batch k (the Rust tokenizer releases the GIL) while this thread
+    parses and validates batch k+1; batches are appended in order.
+    """
     ids: list[str] = []
     bar = tqdm(total=len(expect) if expect is not None else None, desc="tokenize", unit="pair",
                disable=not progress)
-    for batch in _batches(iter_pairs(cfg, tokenizer, stats), BATCH_PAIRS):
-        batch_ids = [content_id for content_id, _ in batch]
-        if expect is not None and batch_ids != list(expect[len(ids) : len(ids) + len(batch_ids)]):
-            raise DataError(cfg.path, "changed", "the source changed while it was being read: run again")
-        _append(builder, tokenizer, [pair for _, pair in batch], batch_ids, eos_id, cfg.max_length,
-                cfg.max_prompt_length)
-        ids.extend(batch_ids)
-        bar.update(len(batch))
+
+    def tokenize(batch: list[tuple[str, PreferencePair]]) -> Any:
+        pairs = [pair for _, pair in batch]
+        return pairs, encode_batch(tokenizer, [(p.prompt, p.chosen, p.rejected) for p in pairs], eos_id,
+                                   cfg.max_length, cfg.max_prompt_length)
+
+    def append(batch_ids: list[str], future: Future) -> None:
+        pairs, enc = future.result()  # re-raises the worker's exception here
+        builder.append(enc.tokens, enc.lengths, enc.raw_lengths, enc.truncated, batch_ids,
+                       [p.category for p in pairs])
+        bar.update(len(batch_ids))
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize") as worker:
+        pending: tuple[list[str], Future] | None = None
+        for batch in _batches(iter_pairs(cfg, tokenizer, stats), BATCH_PAIRS):
+            batch_ids = [content_id for content_id, _ in batch]
+            if expect is not None and batch_ids != list(expect[len(ids) : len(ids) + len(batch_ids)]):
+                raise DataError(cfg.path, "changed", "the source changed while it was being read: run again")
+            ids.extend(batch_ids)
+            submitted = (batch_ids, worker.submit(tokenize, batch))
+            if pending is not None:
+                append(*pending)
+            pending = submitted
+        if pending is not None:
+            append(*pending)
     bar.close()
     if expect is not None and len(ids) != len(expect):
         raise DataError(cfg.path, "changed", "the source changed while it was being read: run again")
