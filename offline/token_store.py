@@ -122,13 +122,15 @@ class StoreBuilder:
         self._chunks: list[np.ndarray] = []  # token chunks, in memory mode only
         self._lengths: list[np.ndarray] = []  # (B, 3) kept lengths per batch
         self._raw: list[np.ndarray] = []
-        self._ids: list[str] = []
-        self._categories: list[str | None] = []
+        self._ids: list[np.ndarray] = []  # fixed-width bytes per batch: 32 B a content id, not ~80
+        self._codes: list[np.ndarray] = []  # category codes per batch
+        self._names: dict[str, int] = {}  # category -> code, in order of first appearance
         self._truncated: list[np.ndarray] = []
         self.n_tokens = 0
+        self.n_pairs = 0
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self.n_pairs
 
     def append(
         self, tokens: np.ndarray, lengths: np.ndarray, raw_lengths: np.ndarray, truncated: np.ndarray,
@@ -146,24 +148,26 @@ class StoreBuilder:
         self._lengths.append(np.asarray(lengths, dtype=np.int64).reshape(-1, 3))
         self._raw.append(np.asarray(raw_lengths, dtype=np.int32).reshape(-1, 3))
         self._truncated.append(np.asarray(truncated, dtype=bool))
-        self._ids.extend(pair_ids)
-        self._categories.extend(categories)
+        encoded = [s.encode() for s in pair_ids]
+        self._ids.append(np.array(encoded, dtype=f"S{max(map(len, encoded), default=1) or 1}"))
+        names = self._names
+        self._codes.append(np.array([-1 if c is None else names.setdefault(c, len(names)) for c in categories],
+                                    dtype=np.int32))
+        self.n_pairs += len(encoded)
 
     def finish(self, heldout: np.ndarray | None = None, directory: Path | None = None) -> TokenStore:
         """The store (in memory; with `directory`, also written there: the caller's `tokens_file`
         must be `directory / TOKENS_FILE`, flushed here). `heldout` defaults to all False."""
-        n = len(self._ids)
+        n = self.n_pairs
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros((0, 3), np.int64)
         offsets = np.zeros(3 * n + 1, dtype=np.int64)
         np.cumsum(lengths.reshape(-1), out=offsets[1:])
-        names = tuple(sorted({c for c in self._categories if c is not None}))
-        code = {name: i for i, name in enumerate(names)}
-        width = max((len(s.encode()) for s in self._ids), default=1)
+        names = tuple(self._names)
         arrays = {
             "offsets": offsets,
             "raw_lengths": np.concatenate(self._raw) if self._raw else np.zeros((0, 3), np.int32),
-            "pair_ids": np.array([s.encode() for s in self._ids], dtype=f"S{max(width, 1)}"),
-            "categories": np.array([code[c] if c is not None else -1 for c in self._categories], dtype=np.int32),
+            "pair_ids": np.concatenate(self._ids) if self._ids else np.zeros(0, dtype="S1"),
+            "categories": np.concatenate(self._codes) if self._codes else np.zeros(0, np.int32),
             "heldout": np.zeros(n, bool) if heldout is None else np.asarray(heldout, dtype=bool),
             "truncated": np.concatenate(self._truncated) if self._truncated else np.zeros(0, bool),
         }
