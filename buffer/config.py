@@ -6,6 +6,11 @@ the environment variable named by `password_env` at connect time. A URL carrying
 refused with `PasswordInUrl`, which is deliberately *not* a `ValueError`: pydantic would wrap a
 `ValueError` in a `ValidationError` whose text echoes the raw input, password included. Every
 URL shown in a log line or an error goes through `offline.secrets.redact_url` first.
+
+Redis Cluster is chosen with `cluster: true` beside an ordinary redis:// or rediss:// URL of any
+node (a seed), not with a URL scheme of our own, so the same URL still works in `redis-cli -u`
+and every other tool; a cluster has only database 0, so a URL naming another is refused here.
+`allow_eviction` and `require_durable` govern the checks of `buffer/requirements.py`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from offline.secrets import redact_url
 from offline.section import Section
@@ -46,6 +51,12 @@ class BufferConfig(Section):
     """Retries (exponential backoff, capped at 2 s) of a command that hit a connection error or timeout."""
     lock_ttl_s: int = Field(default=3600, gt=0)
     """Time-to-live of the cycle lock: a crashed holder's lock frees itself after this many seconds."""
+    cluster: bool = False
+    """buffer.url is one node of a Redis Cluster (a seed): connect with redis-py's RedisCluster client."""
+    allow_eviction: bool = False
+    """Accept a Redis whose maxmemory-policy evicts keys (allkeys-*, volatile-*) with a warning instead of refusing it."""
+    require_durable: bool = False
+    """Refuse a Redis that persists nothing (neither AOF nor RDB snapshots on) instead of warning."""
 
     @field_validator("url")
     @classmethod
@@ -65,3 +76,20 @@ class BufferConfig(Section):
         if scheme not in ("redis", "rediss"):
             raise ValueError(f"buffer.url must start with redis:// or rediss://, got {url!r}")
         return url
+
+    @model_validator(mode="after")
+    def _check_cluster(self) -> BufferConfig:
+        if not self.cluster:
+            return self
+        if self.url is None:
+            raise ValueError(
+                "buffer.cluster: true needs buffer.url, the redis:// URL of one node of the cluster "
+                "(the embedded redis-server is never a cluster)"
+            )
+        path = urlsplit(self.url).path.strip("/")
+        if path not in ("", "0"):
+            raise ValueError(
+                f"buffer.url {redact_url(self.url)} names database {path!r}, but a Redis Cluster has only "
+                f"database 0: drop the /{path} (or set buffer.cluster: false)"
+            )
+        return self

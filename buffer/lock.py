@@ -11,7 +11,7 @@ Every step is safe to retry after a dropped connection (redis-py retries): a ret
 acquire that finds our own token counts as acquired. `client` is a redis-py client, used
 through the small `LockClient` protocol, so this module does not import redis.
 
-`Locks(connection).hold(name)` is `cycle_lock` on the buffer namespace's key `<ns>:lock:<name>`,
+`Locks(connection).hold(name)` is `cycle_lock` on the buffer namespace's key `{<ns>}:lock:<name>`,
 with `buffer.lock_ttl_s` as the default TTL and Redis errors raised as `ReplayBufferError`s;
 the replay buffer hands one out as `ReplayBuffer.locks`.
 """
@@ -174,7 +174,7 @@ def cycle_lock(
 
 
 class Locks:
-    """The buffer namespace's named locks (`<ns>:lock:<name>`)."""
+    """The buffer namespace's named locks (`{<ns>}:lock:<name>`)."""
 
     def __init__(self, connection: BufferConnection) -> None:
         self.connection = connection
@@ -189,7 +189,7 @@ class Locks:
         timeout_s: float | None = None,
         heartbeat_s: float | None = None,
     ) -> Iterator[CycleLock]:
-        """`cycle_lock` on `<ns>:lock:<name>`, with the configured TTL unless `ttl_s` is given."""
+        """`cycle_lock` on `{<ns>}:lock:<name>`, with the configured TTL unless `ttl_s` is given."""
         conn = self.connection
         with conn.errors():
             with cycle_lock(

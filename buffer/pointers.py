@@ -5,7 +5,7 @@ truth) and copies them here (`current:<name>`, `cycle-state:<name>`) for readers
 reach Redis.
 
 Contract. `Pointers(connection).set(name, value)` replaces the JSON object under
-`<ns>:pointer:<name>` with one SET, so a reader sees the old object or the new one, never a
+`{<ns>}:pointer:<name>` with one SET, so a reader sees the old object or the new one, never a
 mix; `get(name)` returns it, or None if it was never set. Values are JSON objects (dicts);
 NaN and infinities are refused rather than stored as something another JSON reader cannot parse.
 """

@@ -1,7 +1,8 @@
 """A local `redis-server` for the replay buffer: the default when no `buffer.url` is configured.
 
 Contract: `LocalRedis(data_dir)` starts `redis-server` bound to 127.0.0.1 on a free port with the
-append-only file on (`appendfsync` always or everysec) and its data under `data_dir` (tether passes
+append-only file on (`appendfsync` always or everysec), `maxmemory-policy noeviction` and no
+maxmemory limit (so it passes `buffer/requirements.py`'s checks) and its data under `data_dir` (tether passes
 `<state_dir>/redis/`), waits until it answers PING, and stops it (SIGTERM: Redis fsyncs the AOF
 and exits) when the context exits. Restarting on the same directory replays the AOF, so the
 buffer survives restarts and crashes. One server per data directory: a second `LocalRedis` on a
@@ -222,6 +223,9 @@ class LocalRedis:
             # A crash mid-write leaves a torn last transaction: drop it on load (all-or-nothing).
             "--aof-load-truncated", "yes",
             "--save", "",  # AOF only: no RDB snapshots on top
+            # Redis' default, stated: a full Redis refuses writes (BufferFull) instead of evicting
+            # buffered pairs or the cycle lock (buffer/requirements.py refuses evicting policies).
+            "--maxmemory-policy", "noeviction",
             "--daemonize", "no", "--pidfile", str(self.data_dir / "redis.pid"),
         ]  # fmt: skip
         assert self._lock_file is not None

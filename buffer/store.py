@@ -22,25 +22,32 @@ Redis holds pairs and small state only, not reference log-probs: those have one 
 on-disk cache of `offline/reference.py`, kept beside the reference checkpoint they depend on and
 read by the offline phase and every cycle; a second copy here could only go stale or disagree.
 
-Key layout (`ns` = `BufferConfig.namespace`; `cat` = `c:<category>`, or `none` without one):
+Key layout (`{ns}` = `BufferConfig.namespace` in braces, Redis Cluster's hash tag, so all of a
+namespace's keys share one slot and every script runs on a cluster; `cat` = `c:<category>`, or
+`none` without one):
 
-    ns:pairs                 HASH   id -> BufferedPair JSON
-    ns:idx:<pool>:<cat>      ZSET   ids of one pool and category, score = cycle (anchor 0):
+    {ns}:pairs               HASH   id -> BufferedPair JSON
+    {ns}:idx:<pool>:<cat>    ZSET   ids of one pool and category, score = cycle (anchor 0):
                                     rank order (cycle, id) is what mixing.Pick.rank indexes
-    ns:groups                HASH   "<pool>|<cycle>|<cat>" -> pair count (anchor: empty cycle)
-    ns:fresh:order           ZSET   fresh ids by cycle: ZPOPMIN evicts the oldest cycle first
-    ns:group_times           HASH   same fields -> "<min created_at> <max created_at>" (epoch s),
+    {ns}:groups              HASH   "<pool>|<cycle>|<cat>" -> pair count (anchor: empty cycle)
+    {ns}:fresh:order         ZSET   fresh ids by cycle: ZPOPMIN evicts the oldest cycle first
+    {ns}:group_times         HASH   same fields -> "<min created_at> <max created_at>" (epoch s),
                                     for stats' oldest/newest age (a partly evicted cycle keeps
                                     its old minimum until it is gone)
-    ns:anchor                HASH   fingerprint, seeded_at, complete ("1" once a seed finished)
-    ns:version               STRING random token replaced by every change of membership; a
+    {ns}:anchor              HASH   fingerprint, seeded_at, complete ("1" once a seed finished)
+    {ns}:version             STRING random token replaced by every change of membership; a
                                     sample planned on older contents is re-planned
-    ns:pointer:<name>        STRING JSON object: the policy registry's mirror (current policy,
+    {ns}:pointer:<name>      STRING JSON object: the policy registry's mirror (current policy,
                                     cycle state; buffer/pointers.py)
-    ns:lock:<name>           STRING lock token with a TTL (buffer/lock.py)
+    {ns}:lock:<name>         STRING lock token with a TTL (buffer/lock.py)
 
-Scripts derive key names from the namespace, so the buffer needs a standalone (or single-shard)
-Redis, not Redis Cluster.
+Scripts get every key in KEYS (see `buffer/scripts.py`). Keys written under the old names
+(`ns:pairs`, ...) are renamed once on connect (`buffer/layout.py`).
+
+A full Redis refuses a write with OOM, raised as `BufferFull`: `add`/`add_fresh` and a seed of
+up to SEED_CHUNK pairs are one script, so nothing of them is stored. A longer seed goes in
+chunks; if Redis fills up part way, the chunks this call stored are removed again when the call
+began the seed (a seed it resumed stays incomplete, as it was), and the error says which.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from buffer import scripts
 from buffer.config import BufferConfig
-from buffer.connection import BufferConnection, ReplayBufferError, open_connection, translating_errors
+from buffer.connection import BufferConnection, BufferFull, ReplayBufferError, open_connection, translating_errors
 from buffer.lock import Locks
 from buffer.mixing import POOLS, Group, NotEnoughPairs, Pool, plan_sample
 from buffer.pointers import Pointers
@@ -104,12 +111,18 @@ class ReplayBuffer:
         self.pointers = Pointers(connection)
         self.locks = Locks(connection)
         self._ns = connection.namespace
+        key = connection.key
+        self._pairs, self._groups, self._times = key("pairs"), key("groups"), key("group_times")
+        self._order, self._anchor, self._version = key("fresh:order"), key("anchor"), key("version")
+        self._idx = key("idx:")  # + "<pool>:<cat>"
         self._groups_cache: tuple[list[Group], str] | None = None  # last (groups, version) seen
+        self._index_keys: set[str] = set()  # index keys known to exist: scripts must be handed them
         self._client = client = connection.client
         self._add = client.register_script(scripts.ADD_LUA)
         self._seed_begin = client.register_script(scripts.SEED_BEGIN_LUA)
-        self._seed_done = client.register_script(scripts.SEED_DONE_LUA)
+        self._seed_abort = client.register_script(scripts.SEED_ABORT_LUA)
         self._fetch = client.register_script(scripts.FETCH_LUA)
+        self._read_groups = client.register_script(scripts.GROUPS_LUA)
 
     @classmethod
     def connect(cls, cfg: BufferConfig, *, url: str | None = None) -> ReplayBuffer:
@@ -198,7 +211,13 @@ class ReplayBuffer:
             seeded = self._seed(anchor, fingerprints[0], replace=False)
         # Oldest cycles first, so capacity eviction keeps the newest as live writes would.
         fresh.sort(key=lambda r: (cast(int, r.cycle), r.created_at))
-        added = self._write_chunked(fresh, guard="")
+        try:
+            added = self._write_chunked(fresh, guard="")
+        except BufferFull as e:
+            raise BufferFull(
+                f"{e}. Restoring stopped part way: {'the anchor and ' if anchor else ''}{e.stored} of "
+                f"{len(fresh)} fresh pairs were stored; import again once Redis has room (it is idempotent)"
+            ) from None
         return seeded, added
 
     def _seed(
@@ -209,8 +228,9 @@ class ReplayBuffer:
         replace: bool,
         encoder: _Encoder | None = None,
     ) -> SeedResult:
-        status, removed, complete = self._seed_begin(
-            args=[self._ns, fingerprint, "1" if replace else "0", datetime.now(timezone.utc).isoformat(), _token()]
+        anchor_keys = [self._anchor, self._pairs, self._groups, self._times, self._version]
+        status, removed, complete = self._declared(
+            self._seed_begin, anchor_keys, [self._idx, fingerprint, "1" if replace else "0", _token()]
         )
         if status == "mismatch":
             raise AnchorMismatch(
@@ -219,59 +239,124 @@ class ReplayBuffer:
             )
         if complete == "1":  # this exact dataset was fully seeded before: nothing to send
             return SeedResult(fingerprint=fingerprint, added=0, existing=len(records), removed=int(removed))
+        seeded_at = datetime.now(timezone.utc).isoformat()
         try:
-            with self.connection.errors():
-                result = self._write_chunked(records, guard=fingerprint, encoder=encoder)
+            result = self._write_chunked(records, guard=fingerprint, encoder=encoder, seeded_at=seeded_at)
+        except BufferFull as e:
+            if complete is not None:  # resuming an interrupted seed: what it held stays
+                raise BufferFull(
+                    f"{e}. The anchor {fingerprint!r} was an interrupted seed this call resumed; it stays "
+                    f"incomplete ({e.stored} more pairs stored): seed again once Redis has room"
+                ) from None
+            undone = self._declared(self._seed_abort, anchor_keys, [self._idx, fingerprint, _token()])
+            raise BufferFull(
+                f"{e}. Nothing of this seed of {fingerprint!r} remains (the {undone} pairs its earlier "
+                f"chunks had stored were removed)"
+            ) from None
         except ReplayBufferError as e:  # ADD_LUA's own refusal arrives as Redis' error reply
-            if "TETHER_ANCHOR_CHANGED" in str(e):
+            text = str(e)
+            if "TETHER_ANCHOR_CHANGED (gone)" in text:
+                raise AnchorMismatch(
+                    f"the anchor record of {fingerprint!r} disappeared while seeding: the buffer was cleared, "
+                    f"or Redis evicted it (run Redis with `maxmemory-policy noeviction`)"
+                ) from e
+            if "TETHER_ANCHOR_CHANGED" in text:
                 raise AnchorMismatch(f"the anchor was re-seeded by someone else while seeding {fingerprint!r}") from e
             raise
-        self._seed_done(args=[self._ns, fingerprint])
         return SeedResult(fingerprint=fingerprint, added=result.added, existing=result.duplicates, removed=int(removed))
 
     def _write_chunked(
-        self, records: Sequence[PreferencePair | BufferedPair], *, guard: str, encoder: _Encoder | None = None
+        self,
+        records: Sequence[PreferencePair | BufferedPair],
+        *,
+        guard: str,
+        encoder: _Encoder | None = None,
+        seeded_at: str | None = None,
     ) -> AddResult:
-        """Write in chunks of SEED_CHUNK, each atomic; encode chunk k+1 while Redis runs chunk k."""
+        """Write in chunks of SEED_CHUNK, each atomic; encode chunk k+1 while Redis runs chunk k.
+
+        With `seeded_at` this is a seed of anchor `guard`: the first chunk may create the anchor
+        record and the last (even of no records) marks it complete. A `BufferFull` carries in
+        `stored` how many pairs the chunks before the refused one added.
+        """
         encoder = encoder or _Encoder()
         added = duplicates = evicted = 0
+        starts = list(range(0, len(records), SEED_CHUNK)) or ([0] if seeded_at is not None else [])
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="buffer-writer") as writer:
             pending = None
-            for start in range(0, len(records), SEED_CHUNK):
-                args = self._header(guard) + encoder.encode(records[start : start + SEED_CHUNK])
-                if pending is not None:
-                    a, d, e = pending.result()
-                    added, duplicates, evicted = added + a, duplicates + d, evicted + e
-                pending = writer.submit(self._add, args=args)
-            if pending is not None:
-                a, d, e = pending.result()
-                added, duplicates, evicted = added + a, duplicates + d, evicted + e
+            try:
+                with self.connection.errors():
+                    for i, start in enumerate(starts):
+                        seed = ("", "") if seeded_at is None else (seeded_at if i == 0 else "", "1" if i == len(starts) - 1 else "")
+                        encoded = encoder.encode(records[start : start + SEED_CHUNK])
+                        args = self._header(guard, *seed) + encoded
+                        if pending is not None:
+                            a, d, e = pending.result()
+                            added, duplicates, evicted = added + a, duplicates + d, evicted + e
+                        pending = writer.submit(self._declared, self._add, self._add_keys(), args, self._group_indexes(encoded))
+                    if pending is not None:
+                        a, d, e = pending.result()
+                        added, duplicates, evicted = added + a, duplicates + d, evicted + e
+            except BufferFull as e:
+                e.stored = added
+                raise
         return AddResult(added=added, duplicates=duplicates, evicted=evicted)
 
     def _write(self, records: Sequence[BufferedPair], *, guard: str) -> AddResult:
         if not records:
             return AddResult(added=0, duplicates=0, evicted=0)
-        added, duplicates, evicted = self._add(args=self._args(records, guard))
+        encoded = _Encoder().encode(records)
+        added, duplicates, evicted = self._declared(
+            self._add, self._add_keys(), self._header(guard) + encoded, self._group_indexes(encoded)
+        )
         return AddResult(added=added, duplicates=duplicates, evicted=evicted)
 
-    def _header(self, guard: str) -> list[str | int]:
-        return [self._ns, self.cfg.fresh_capacity, guard, _token()]
+    def _add_call(self, records: Sequence[BufferedPair], guard: str) -> tuple[list[str], list[str | int]]:
+        """KEYS and ARGV of one ADD script call for `records` (tests send it by hand)."""
+        encoded = _Encoder().encode(records)
+        self._index_keys.update(self._group_indexes(encoded))
+        return self._add_keys() + sorted(self._index_keys), self._header(guard) + encoded
 
-    def _args(self, records: Sequence[BufferedPair], guard: str) -> list[str | int]:
-        """ADD script arguments (see scripts.ADD_LUA): a few, then one per record."""
-        return self._header(guard) + _Encoder().encode(records)
+    def _header(self, guard: str, seed_start: str = "", seed_finish: str = "") -> list[str | int]:
+        """ADD script arguments before the encoded records (see scripts.ADD_LUA)."""
+        return [self._idx, self.cfg.fresh_capacity, guard, seed_start, seed_finish, _token()]
+
+    def _add_keys(self) -> list[str]:
+        return [self._pairs, self._groups, self._times, self._order, self._anchor, self._version]
+
+    def _group_indexes(self, encoded: Sequence[str | int]) -> list[str]:
+        """The index keys of the group fields in `_Encoder.encode`'s output."""
+        fields = cast("Sequence[str]", encoded[1 : 1 + int(encoded[0])])
+        return [self._index_key(*_split_field(f)) for f in fields]
+
+    def _index_key(self, pool: str, cat: str) -> str:
+        return f"{self._idx}{pool}:{cat}"
+
+    def _declared(self, script: Any, fixed: list[str], args: list[str | int], needed: Iterable[str] = ()) -> Any:
+        """Run a script that first checks it was handed every index key it may touch (see
+        buffer/scripts.py): `fixed` keys, then the index keys known; retry with any it reports."""
+        self._index_keys.update(needed)
+        for _ in range(4):
+            out = script(keys=fixed + sorted(self._index_keys), args=args)
+            if not (isinstance(out, list) and out and out[0] == -1):
+                return out
+            self._index_keys.update(out[1:])
+        raise ReplayBufferError("the buffer's categories kept changing during 4 attempts of one write; retry it")
 
     # -- reads -----------------------------------------------------------------------------------
 
     @translating_errors
     def groups(self) -> tuple[list[Group], str]:
         """The buffer's contents as mixing groups, and the version they were read at."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hgetall(f"{self._ns}:groups")
-        pipe.get(f"{self._ns}:version")
-        raw, version = pipe.execute()
+        flat, version = self._read_groups(keys=[self._groups, self._version])
+        raw = dict(zip(flat[::2], flat[1::2], strict=True))
+        self._remember_groups(raw)
         self._groups_cache = (_parse_groups(raw), version or "0")
         return self._groups_cache
+
+    def _remember_groups(self, raw: Mapping[str, str]) -> None:
+        """Note the index keys that the groups read show to exist (scripts must be handed them)."""
+        self._index_keys.update(self._index_key(pool, cat) for pool, cat in map(_split_field, raw))
 
     @translating_errors
     def sample(
@@ -313,9 +398,13 @@ class ReplayBuffer:
             spec = ";".join(
                 f"{suffixes.setdefault(f'{p.pool}:{catkey(p.category)}', len(suffixes) + 1)},{p.rank}" for p in picks
             )
-            fetched = self._fetch(args=[self._ns, version, spec, *suffixes])
+            fetched = self._fetch(
+                keys=[self._version, self._groups, self._pairs, *(self._idx + s for s in suffixes)], args=[version, spec]
+            )
             if fetched[0] == 0:  # a write landed since the plan: re-plan on the groups returned
-                groups, version = _parse_groups(dict(zip(fetched[2][::2], fetched[2][1::2], strict=True))), fetched[1]
+                raw = dict(zip(fetched[2][::2], fetched[2][1::2], strict=True))
+                self._remember_groups(raw)
+                groups, version = _parse_groups(raw), fetched[1]
                 self._groups_cache = (groups, version)
                 continue
             pairs = _PAIR_LIST.validate_json("[" + ",".join(fetched[1]) + "]")  # one parse, not n
@@ -327,7 +416,7 @@ class ReplayBuffer:
         """The records with these ids (None where absent)."""
         if not pair_ids:
             return []
-        blobs = self._client.hmget(f"{self._ns}:pairs", list(pair_ids))
+        blobs = self._client.hmget(self._pairs, list(pair_ids))
         return [None if b is None else BufferedPair.model_validate_json(b) for b in blobs]
 
     @translating_errors
@@ -339,7 +428,7 @@ class ReplayBuffer:
     def iter_records(self, batch_size: int = 1_000) -> Iterator[BufferedPair]:
         """Every record (for export), read `batch_size` at a time; not a snapshot."""
         with self.connection.errors():
-            for _, blob in self._client.hscan_iter(f"{self._ns}:pairs", count=batch_size):
+            for _, blob in self._client.hscan_iter(self._pairs, count=batch_size):
                 yield BufferedPair.model_validate_json(blob)
 
     @translating_errors
@@ -348,10 +437,10 @@ class ReplayBuffer:
         ns = self._ns
         groups, _ = self.groups()
         pipe = self._client.pipeline(transaction=False)
-        pipe.hget(f"{ns}:anchor", "fingerprint")
-        pipe.hvals(f"{ns}:group_times")
+        pipe.hget(self._anchor, "fingerprint")
+        pipe.hvals(self._times)
         fingerprint, spans = pipe.execute()
-        memory = int(self._client.info("memory").get("used_memory", 0))
+        memory = int(self.connection.info("memory").get("used_memory", 0))
         times = [float(t) for span in spans for t in span.split()]
         now = time.time()
         per_cycle: dict[int, int] = {}
@@ -379,9 +468,12 @@ class ReplayBuffer:
     def clear(self) -> int:
         """Delete every key of this namespace (pairs, pointers, locks); returns how many."""
         self._groups_cache = None
+        self._index_keys.clear()
         deleted = 0
         keys: list[str] = []
-        for key in self._client.scan_iter(match=f"{self._ns}:*", count=1_000):
+        node = self.connection.home_node()  # on a cluster, the one node holding the namespace's slot
+        where: dict[str, Any] = {} if node is None else {"target_nodes": node}
+        for key in self._client.scan_iter(match=self.connection.key("*"), count=1_000, **where):
             keys.append(key)
             if len(keys) >= 1_000:
                 deleted += self._client.unlink(*keys)
@@ -449,6 +541,12 @@ class _AnchorEncoder(_Encoder):
 def _token() -> str:
     """A new version token: random, so versions never repeat, even across a FLUSHALL."""
     return uuid.uuid4().hex
+
+
+def _split_field(field: str) -> tuple[str, str]:
+    """(pool, catkey) of a group field "<pool>|<cycle>|<catkey>"."""
+    pool, _, cat = field.split("|", 2)
+    return pool, cat
 
 
 def _parse_groups(raw: Mapping[str, str]) -> list[Group]:

@@ -1,5 +1,6 @@
 #!/bin/sh
-# Entrypoint of the redis service: redis-server with its AOF on (fsync every second) in
+# Entrypoint of the redis service: redis-server with its AOF on (fsync every second) and
+# maxmemory-policy noeviction (Redis' default, stated: tether refuses an evicting policy) in
 # TETHER_REDIS_DATA (default /data) on TETHER_REDIS_PORT (default 6379), a password only when
 # TETHER_REDIS_PASSWORD is set, through the image's docker-entrypoint.sh (which drops to the
 # redis user); further arguments go to redis-server.
@@ -28,4 +29,4 @@ tail -n +1 -F "$log" 2>/dev/null &
     fi
 ) &
 exec docker-entrypoint.sh redis-server --port "$port" --appendonly yes --appendfsync everysec \
-    --dir "$data" --logfile "$log" ${TETHER_REDIS_PASSWORD:+--requirepass "$TETHER_REDIS_PASSWORD"} "$@"
+    --maxmemory-policy noeviction --dir "$data" --logfile "$log" ${TETHER_REDIS_PASSWORD:+--requirepass "$TETHER_REDIS_PASSWORD"} "$@"

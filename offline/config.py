@@ -43,6 +43,10 @@ class LossConfig(Section):
         return self
 
 
+LAUNCH_FIELDS = ("num_processes", "accelerate_config")
+"""The `TrainConfig` fields that say how training is launched, not how it optimises."""
+
+
 class TrainConfig(Section):
     """Optimisation of one preference-training run (offline phase or one online cycle)."""
 
@@ -76,6 +80,17 @@ class TrainConfig(Section):
     """Pairs per batch when computing reference log-probs."""
     share_prompt: bool = True
     """Run each pair as one row prompt+chosen+rejected so the prompt is computed once (sdpa/eager)."""
+    num_processes: int = Field(default=1, ge=1)
+    """Data-parallel training processes. Above 1, training (and any reference log-probs the cache
+    lacks) runs as a launched job of that many ranks (offline/launch.py); the flow stays one process."""
+    accelerate_config: str | None = Field(default=None, min_length=1)
+    """An accelerate config file for the launched job (configs/accelerate/{ddp,fsdp,zero3}.yaml);
+    set = launched even with one process. None: DDP (configs/accelerate/ddp.yaml) when launched."""
+
+    @property
+    def launched(self) -> bool:
+        """Whether training runs as a launched (multi-process) job rather than in this process."""
+        return self.num_processes > 1 or self.accelerate_config is not None
 
 
 class LoraConfig(Section):
@@ -103,8 +118,21 @@ class ModelConfig(Section):
     """auto: fp32 weights, bf16 autocast on a bf16-capable GPU, plain fp32 on CPU."""
     lora: LoraConfig | None = None
     """LoRA adapters instead of full fine-tuning (None = full fine-tuning)."""
+    base_dtype: Literal["float32", "bfloat16"] | None = None
+    """LoRA only: storage dtype of the frozen base, which is also the reference. bfloat16 halves
+    the base's memory (an 8B base: 16 GB instead of 32 GB) while the trainable adapter weights
+    stay float32; None follows `dtype`. Reference log-probs are cached per base dtype."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory (slower)."""
+    """Recompute activations in backward (non-reentrant) to save memory; ~30% slower steps."""
+
+    @model_validator(mode="after")
+    def _base_dtype_needs_lora(self) -> ModelConfig:
+        if self.base_dtype is not None and self.lora is None:
+            raise ValueError(
+                f"base_dtype={self.base_dtype!r} sets the frozen LoRA base's dtype, but model.lora is "
+                "unset (full fine-tuning trains every weight): set model.lora, or use model.dtype"
+            )
+        return self
 
 
 class DataConfig(Section):
@@ -114,8 +142,15 @@ class DataConfig(Section):
     """Local .jsonl, .jsonl.gz or .parquet file (relative to the cwd), or 'hf:<hub id>'."""
     hub_split: str = Field(default="train", min_length=1)
     """Split to read when `path` is a hub id."""
-    format: Literal["auto", "explicit", "chat", "hh"] = "auto"
-    """Record shape; 'auto' detects it per file from the first JSON object's keys and types."""
+    format: Literal[
+        "auto", "explicit", "implicit", "chat", "chat_implicit", "ultrafeedback", "hh"
+    ] = "auto"
+    """Record shape (offline.formats): explicit = prompt/chosen/rejected strings; implicit =
+    chosen/rejected strings whose common prefix is the prompt; chat = a message-list prompt and
+    assistant responses; chat_implicit = chosen/rejected whole conversations whose shared first
+    messages are the prompt; ultrafeedback = a prompt string plus whole conversations
+    (HuggingFaceH4/ultrafeedback_binarized); hh = Anthropic HH-RLHF dialogues; 'auto' detects
+    it per file from the first JSON object's keys and types."""
     heldout_fraction: float = Field(default=0.1, gt=0.0, lt=1.0)
     """Fraction of pairs held out for evaluation (hash-based, independent of record order)."""
     split_seed: int = 0
@@ -126,6 +161,10 @@ class DataConfig(Section):
     """Prompt tokens kept (the last ones) before the response; must be below max_length."""
     on_bad_record: Literal["error", "skip"] = "error"
     """'error' stops at the first bad record; 'skip' drops bad records, counted per reason."""
+    min_score_margin: float | None = Field(default=None, allow_inf_nan=False)
+    """Drop pairs whose score margin (the `margin` column, else score_chosen - score_rejected)
+    is below this, counted in the coverage report; records without scores are then bad records.
+    None keeps every pair."""
     limit: int | None = Field(default=None, gt=0)
     """Keep only the first N valid, distinct pairs (smoke runs); None keeps all."""
 

@@ -2,7 +2,8 @@
 
 Contract: `coverage_report(dataset, tokenizer, max_length, max_prompt_length)` returns a frozen,
 JSON-serialisable `CoverageReport`: pair counts per split and per category, what was dropped at
-load (duplicates, identical chosen/rejected, skipped records per reason), token-length
+load (duplicates, identical chosen/rejected, skipped records per reason, pairs below
+`data.min_score_margin`), token-length
 percentiles of prompts and responses, and how many pairs the shared truncation rule
 (`offline.tokenize.kept_lengths`) would cut at the given limits. `.to_markdown()` renders it for
 humans (a Prefect artifact). Pure apart from running the tokenizer. `coverage_of(tokenized)` is
@@ -69,7 +70,7 @@ class CoverageReport(BaseModel):
     source: str
     """Where the data came from (path as given or hub id)."""
     format: str
-    """Resolved record shape: explicit, chat or hh."""
+    """Resolved record shape (offline.formats.Format)."""
     fingerprint: str
     """The dataset's fingerprint (as in lineage records)."""
     n_train: int
@@ -79,7 +80,13 @@ class CoverageReport(BaseModel):
     duplicates: int
     """Records dropped at load because the same pair (content id) was already loaded."""
     identical_responses: int
-    """Records skipped because chosen == rejected."""
+    """Records skipped because chosen == rejected (or they differ only in whitespace)."""
+    min_score_margin: float | None = None
+    """The configured data.min_score_margin (None: no score filter)."""
+    below_min_score_margin: int = 0
+    """Valid pairs dropped because their score margin was below min_score_margin."""
+    scored_pairs: int = 0
+    """Loaded pairs that carry a score margin (score_chosen/score_rejected or margin)."""
     skipped: dict[str, int]
     """Records skipped at load, per reason (identical_responses included)."""
     categories: list[CategoryCount]
@@ -132,6 +139,12 @@ class CoverageReport(BaseModel):
             f"| pairs | {n:,} (train {self.n_train:,}, held-out {self.n_heldout:,}) |",
             f"| duplicates dropped | {self.duplicates:,} |",
             f"| identical chosen/rejected skipped | {self.identical_responses:,} |",
+            f"| pairs with scores | {share(self.scored_pairs)} |",
+            "| below min_score_margin dropped | "
+            + (
+                "off |" if self.min_score_margin is None
+                else f"{self.below_min_score_margin:,} (margin < {self.min_score_margin:g}) |"
+            ),
             f"| records skipped (all reasons) | {self.n_skipped:,} |",
             f"| truncated pairs | {share(self.truncated_pairs)} |",
             "",
@@ -212,6 +225,9 @@ def coverage_report(
         source=dataset.source, format=dataset.format, fingerprint=dataset.fingerprint,
         duplicates=dataset.duplicates, skipped=dict(dataset.skipped),
         tokenizer=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        min_score_margin=dataset.min_score_margin,
+        below_min_score_margin=dataset.below_min_score_margin,
+        scored_pairs=sum(p.score_margin is not None for p in pairs),
     )
 
 
@@ -225,12 +241,15 @@ def coverage_of(dataset: TokenizedDataset) -> CoverageReport:
         raw, sides, dataset.max_length, dataset.max_prompt_length,
         source=dataset.source, format=dataset.format, fingerprint=dataset.fingerprint,
         duplicates=dataset.duplicates, skipped=dict(dataset.skipped), tokenizer=dataset.tokenizer,
+        min_score_margin=dataset.min_score_margin, below_min_score_margin=dataset.below_min_score_margin,
+        scored_pairs=dataset.scored_pairs,
     )
 
 
 def _report(
     raw: np.ndarray, sides: list[tuple[str | None, int]], max_length: int, max_prompt_length: int,
     *, source: str, format: str, fingerprint: str, duplicates: int, skipped: dict[str, int], tokenizer: str,
+    min_score_margin: float | None, below_min_score_margin: int, scored_pairs: int,
 ) -> CoverageReport:
     """The report from raw token lengths `(N, 3)` (train first) and each pair's (category, side)."""
     p_len, c_len, r_len = raw[:, 0], raw[:, 1], raw[:, 2]
@@ -254,6 +273,9 @@ def _report(
         n_heldout=len(sides) - n_train,
         duplicates=duplicates,
         identical_responses=skipped.get("identical_responses", 0),
+        min_score_margin=min_score_margin,
+        below_min_score_margin=below_min_score_margin,
+        scored_pairs=scored_pairs,
         skipped=skipped,
         categories=categories,
         tokenizer=tokenizer,

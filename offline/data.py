@@ -4,16 +4,12 @@ Contract:
 - Sources: `.jsonl`, `.jsonl.gz`, `.parquet` (relative paths resolve against the current
   directory; errors show the path as given), or `hf:<hub id>` read with
   `datasets.load_dataset(id, split=hub_split)`, refused with a clear error when offline.
-- Three record shapes, one pair type. `explicit`: `prompt`/`chosen`/`rejected` strings.
-  `chat`: `prompt` is a list of `{role, content}` messages and each response is an assistant
-  message, a list of messages or a string; texts are rendered with the tokenizer's chat
-  template so that prompt + response == the render of the whole conversation. `hh`
-  (Anthropic HH-RLHF): `chosen`/`rejected` are whole dialogues; the prompt is their common
-  prefix up to and including the last `"\\n\\nAssistant:"`, and the responses are the
-  remainders with their leading space KEPT, so prompt + chosen == the original `chosen`
-  exactly (the convention of the DPO reference implementation). Optional `category` and `id`
-  (-> `source_id`) are kept; other keys are ignored. `format: auto` picks the shape per file
-  from the first JSON object.
+- Record shapes (`offline.formats`, one normaliser each, one pair type): explicit, implicit,
+  chat, chat_implicit, ultrafeedback, hh. `format: auto` picks the shape per file from the
+  first JSON object; conversational shapes need the policy's tokenizer (its chat template).
+  Optional `category`, `id` (-> `source_id`) and scores (`score_chosen`/`score_rejected`,
+  `margin`) are kept; other keys are ignored. With `min_score_margin` set, pairs whose
+  `score_margin` is below it are dropped and counted (`below_min_score_margin`).
 - Bad records raise `DataError` naming file, line (JSONL, 1-based) or row (Parquet/hub,
   0-based) and field: `data/x.jsonl:17: field 'chosen': expected a non-empty string, got int`.
   With `on_bad_record: skip` they are counted per reason (`BAD_RECORD_REASONS`) instead.
@@ -35,42 +31,28 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
-
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from offline.atomic import atomic_open
-from offline.pairs import PreferencePair
 from offline.config import HUB_PREFIX, DataConfig
+from offline.formats import (
+    BAD_RECORD_REASONS,
+    CONVERSATIONAL,
+    LAYOUTS,
+    BadRecord,
+    detect_format,
+    normaliser,
+    type_name,
+)
+from offline.pairs import PreferencePair
 
-HH_ASSISTANT_TAG = "\n\nAssistant:"
-"""Where an HH-RLHF prompt ends: the last one the two dialogues share."""
+__all__ = [
+    "BAD_RECORD_REASONS", "DataError", "LoadStats", "LoadedPairs", "PreferenceDataset",
+    "dataset_fingerprint", "fingerprint_ids", "heldout_ids", "iter_pairs", "load_pairs",
+    "load_preference_dataset", "split_pairs", "write_jsonl",
+]
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
-
-BAD_RECORD_REASONS = (
-    "duplicate_id",  # two different records carry the same `id`
-    "malformed_json",  # the line is not valid JSON
-    "invalid_utf8",  # the line is not valid UTF-8
-    "not_an_object",  # valid JSON but not an object
-    "missing_field",  # a required field is absent or null
-    "empty_field",  # a required string / message list is empty
-    "wrong_type",  # a field has the wrong type
-    "wrong_role",  # a chat response does not start with an assistant message
-    "identical_responses",  # chosen == rejected: no preference to learn
-    "no_common_prefix",  # hh: the dialogues share no prefix ending in "\n\nAssistant:"
-    "template_error",  # chat: the tokenizer's chat template raised on this record
-    "template_mismatch",  # chat: the prompt render is not a prefix of the full render
-)
-"""Record-level problems: skippable with `on_bad_record: skip`, counted under these keys."""
-
-LAYOUTS = (
-    "explicit (prompt, chosen, rejected: strings); "
-    "chat (prompt: list of {role, content} messages; chosen, rejected: an assistant message, "
-    "a list of messages or a string); "
-    "hh (chosen, rejected: whole '\\n\\nHuman: ... \\n\\nAssistant: ...' dialogues)"
-)
-
-Format = Literal["explicit", "chat", "hh"]
 
 
 class DataError(ValueError):
@@ -97,14 +79,6 @@ class DataError(ValueError):
         super().__init__(f"{where}: {what}")
 
 
-class _Bad(Exception):
-    """A record-level problem before it is located (raised inside the normalisers)."""
-
-    def __init__(self, reason: str, field: str | None, detail: str) -> None:
-        super().__init__(detail)
-        self.reason, self.field, self.detail = reason, field, detail
-
-
 @dataclass(frozen=True)
 class LoadedPairs:
     """Validated, de-duplicated pairs of one source, in file order, with what was dropped."""
@@ -113,7 +87,8 @@ class LoadedPairs:
     skipped: Mapping[str, int]  # reason -> records skipped (empty unless on_bad_record=skip)
     duplicates: int  # records dropped because their content_id was already loaded
     source: str  # the path as given, or 'hf:<id>[<split>]'
-    format: str  # the resolved shape: explicit | chat | hh
+    format: str  # the resolved shape (offline.formats.Format)
+    below_min_score_margin: int = 0  # valid pairs dropped by data.min_score_margin
     content_ids: tuple[str, ...] = ()  # each pair's content_id, computed once at load
 
 
@@ -128,6 +103,8 @@ class PreferenceDataset:
     duplicates: int
     source: str
     format: str
+    below_min_score_margin: int = 0  # valid pairs dropped by data.min_score_margin
+    min_score_margin: float | None = None  # the filter they were loaded with (None: none)
 
     @property
     def pairs(self) -> tuple[PreferencePair, ...]:
@@ -138,16 +115,8 @@ class PreferenceDataset:
 # ---------------------------------------------------------------- reading records
 
 
-_JSON_TYPES = {dict: "object", list: "list", str: "str", bool: "bool", int: "int", float: "float"}
-
-
-def _type_name(value: Any) -> str:
-    """The JSON name of a value's type, for messages like 'got int'."""
-    return "null" if value is None else _JSON_TYPES.get(type(value), type(value).__name__)
-
-
 def _jsonl_records(path: Path, display: str) -> Iterator[tuple[int, Any]]:
-    """(1-based line, JSON object or _Bad) per non-blank line; bytes split on b'\\n' only."""
+    """(1-based line, JSON object or BadRecord) per non-blank line; bytes split on b'\\n' only."""
     opener = gzip.open if path.name.endswith(".gz") else open
     lineno = 0
     try:
@@ -158,18 +127,18 @@ def _jsonl_records(path: Path, display: str) -> Iterator[tuple[int, Any]]:
                 try:
                     text = raw.rstrip(b"\r\n").decode("utf-8-sig" if lineno == 1 else "utf-8")
                 except UnicodeDecodeError as exc:
-                    yield lineno, _Bad("invalid_utf8", None, f"invalid UTF-8 at byte {exc.start}")
+                    yield lineno, BadRecord("invalid_utf8", None, f"invalid UTF-8 at byte {exc.start}")
                     continue
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as exc:
-                    yield lineno, _Bad(
+                    yield lineno, BadRecord(
                         "malformed_json", None, f"malformed JSON: {exc.msg} (column {exc.colno})"
                     )
                     continue
                 if not isinstance(obj, dict):
-                    yield lineno, _Bad(
-                        "not_an_object", None, f"expected a JSON object, got {_type_name(obj)}"
+                    yield lineno, BadRecord(
+                        "not_an_object", None, f"expected a JSON object, got {type_name(obj)}"
                     )
                     continue
                 yield lineno, obj
@@ -222,7 +191,7 @@ def _hub_records(cfg: DataConfig) -> Iterator[tuple[int, Any]]:
         ) from exc
     for row, record in enumerate(ds):
         if not isinstance(record, dict):
-            record = _Bad("not_an_object", None, f"expected a record, got {_type_name(record)}")
+            record = BadRecord("not_an_object", None, f"expected a record, got {type_name(record)}")
         yield row, record
 
 
@@ -242,119 +211,16 @@ def _open_records(cfg: DataConfig) -> tuple[Iterator[tuple[int, Any]], str]:
     raise DataError(cfg.path, "unsupported_file", f"unsupported file type; expected {accepted}")
 
 
-# ---------------------------------------------------------------- normalising records
+# ---------------------------------------------------------------- public API
 
 
-def _string(value: Any, field: str) -> str:
-    """`value` if it is a non-empty string; null counts as missing (Parquet has no absent keys)."""
-    if value is None:
-        raise _Bad("missing_field", field, "missing (expected a non-empty string)")
-    if not isinstance(value, str):
-        raise _Bad("wrong_type", field, f"expected a non-empty string, got {_type_name(value)}")
-    if not value:
-        raise _Bad("empty_field", field, "expected a non-empty string, got an empty string")
-    return value
-
-
-def _text(record: dict, key: str) -> str:
-    return _string(record.get(key), key)
-
-
-def _provenance(record: dict) -> dict[str, str | None]:
-    """Optional `category` and `id` (an int id becomes its decimal string; '' counts as absent)."""
-    category, source_id = record.get("category"), record.get("id")
-    if category is not None and not isinstance(category, str):
-        got = _type_name(category)
-        raise _Bad("wrong_type", "category", f"expected a string or null, got {got}")
-    if source_id is not None and (
-        isinstance(source_id, bool) or not isinstance(source_id, (str, int))
-    ):
-        got = _type_name(source_id)
-        raise _Bad("wrong_type", "id", f"expected a string, int or null, got {got}")
-    return {
-        "category": category or None,
-        "source_id": str(source_id) if source_id not in (None, "") else None,
-    }
-
-
-def _pair(prompt: str, chosen: str, rejected: str, record: dict) -> PreferencePair:
-    if chosen == rejected:
-        raise _Bad("identical_responses", "rejected", "identical to 'chosen': no preference")
-    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, **_provenance(record))
-
-
-def _explicit(record: dict) -> PreferencePair:
-    prompt, chosen, rejected = (_text(record, k) for k in ("prompt", "chosen", "rejected"))
-    return _pair(prompt, chosen, rejected, record)
-
-
-def _hh(record: dict) -> PreferencePair:
-    chosen, rejected = _text(record, "chosen"), _text(record, "rejected")
-    if chosen == rejected:
-        raise _Bad("identical_responses", "rejected", "identical to 'chosen': no preference")
-    # The prompt is the longest common prefix ending in the tag: walk the tags of `chosen` from
-    # the end and keep the first prefix `rejected` shares (C-speed, unlike a per-char scan).
-    end = len(chosen)
-    while True:
-        cut = chosen.rfind(HH_ASSISTANT_TAG, 0, end)
-        if cut < 0:
-            raise _Bad(
-                "no_common_prefix",
-                "rejected",
-                f"shares no prefix ending in {HH_ASSISTANT_TAG!r} with 'chosen', so there is "
-                "no prompt",
-            )
-        prompt = chosen[: cut + len(HH_ASSISTANT_TAG)]
-        if rejected.startswith(prompt):
-            break
-        end = cut + len(HH_ASSISTANT_TAG) - 1  # the next search must end before this tag
-    for key, whole in (("chosen", chosen), ("rejected", rejected)):
-        if len(whole) == len(prompt):
-            raise _Bad("empty_field", key, "empty response after the shared prompt")
-    return _pair(prompt, chosen[len(prompt) :], rejected[len(prompt) :], record)
-
-
-def _messages(record: dict, key: str, *, response: bool) -> list[dict]:
-    value = record.get(key)
-    expected = (
-        "an assistant message, a list of messages or a string"
-        if response
-        else "a list of {role, content} messages"
-    )
-    if value is None:
-        raise _Bad("missing_field", key, f"missing (expected {expected})")
-    if response and isinstance(value, str):
-        if not value:
-            raise _Bad("empty_field", key, "expected a non-empty string, got an empty string")
-        return [{"role": "assistant", "content": value}]
-    if response and isinstance(value, dict):
-        value = [value]
-    if not isinstance(value, list):
-        raise _Bad("wrong_type", key, f"expected {expected}, got {_type_name(value)}")
-    if not value:
-        raise _Bad("empty_field", key, "expected at least one message, got an empty list")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"{key}[{i}]"
-        if not isinstance(message, dict):
-            got = _type_name(message)
-            raise _Bad("wrong_type", where, f"expected a {{role, content}} message, got {got}")
-        for part in ("role", "content"):
-            _string(message.get(part), f"{where}.{part}")
-        messages.append(dict(message))
-    if response and messages[0]["role"] != "assistant":
-        got = messages[0]["role"]
-        raise _Bad("wrong_role", f"{key}[0].role", f"expected 'assistant', got {got!r}")
-    return messages
-
-
-def _chat_normaliser(tokenizer: Any, display: str) -> Callable[[dict], PreferencePair]:
-    """Check once that the tokenizer can render chats, then render each record with it."""
+def _check_chat_tokenizer(tokenizer: Any, display: str) -> None:
+    """Conversations are rendered with a chat template: refuse the file once, up front, without one."""
     if tokenizer is None:
         raise DataError(
             display,
             "no_tokenizer",
-            "chat-shaped records (prompt is a list of messages) are rendered with a chat "
+            "chat-shaped records (conversations: lists of messages) are rendered with a chat "
             "template: pass the policy's tokenizer to load_preference_dataset(cfg, tokenizer)",
         )
     if not getattr(tokenizer, "chat_template", None):
@@ -366,48 +232,6 @@ def _chat_normaliser(tokenizer: Any, display: str) -> Callable[[dict], Preferenc
             "tokenizer.chat_template or convert the data to prompt/chosen/rejected strings",
         )
 
-    def render(messages: list[dict], field: str, **kwargs: Any) -> str:
-        try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-        except Exception as exc:  # jinja raises many types (incl. raise_exception): record-level
-            raise _Bad("template_error", field, f"the chat template failed: {exc}") from exc
-        if not isinstance(text, str):
-            raise _Bad("template_error", field, f"the chat template returned {_type_name(text)}")
-        return text
-
-    def normalise(record: dict) -> PreferencePair:
-        prompt_messages = _messages(record, "prompt", response=False)
-        responses = {k: _messages(record, k, response=True) for k in ("chosen", "rejected")}
-        prompt = render(prompt_messages, "prompt", add_generation_prompt=True)
-        texts = {}
-        for key, messages in responses.items():
-            full = render(prompt_messages + messages, key)
-            if not full.startswith(prompt):
-                raise _Bad(
-                    "template_mismatch",
-                    key,
-                    "the chat template's render of the prompt (add_generation_prompt=True) is "
-                    "not a prefix of its render of the whole conversation",
-                )
-            texts[key] = full[len(prompt) :]
-            if not texts[key]:
-                raise _Bad("empty_field", key, "the response renders to an empty string")
-        return _pair(prompt, texts["chosen"], texts["rejected"], record)
-
-    return normalise
-
-
-def _detect_format(record: dict) -> str | None:
-    """The shape a record's keys and types say it has; None when no layout matches."""
-    if "prompt" in record and ("chosen" in record or "rejected" in record):
-        return "chat" if isinstance(record["prompt"], list) else "explicit"
-    if "chosen" in record and "rejected" in record:
-        return "hh"
-    return None
-
-
-# ---------------------------------------------------------------- public API
-
 
 @dataclass
 class LoadStats:
@@ -417,6 +241,8 @@ class LoadStats:
     format: str | None = None  # the resolved shape, set by the first record
     skipped: Counter[str] = field(default_factory=Counter)  # reason -> records skipped
     duplicates: int = 0  # records dropped because their content_id was already loaded
+    below_min_score_margin: int = 0  # valid pairs dropped by data.min_score_margin
+    scored: int = 0  # pairs yielded that carry a score margin (coverage: scored_pairs)
     records: int = 0  # records read (valid or not)
 
 
@@ -449,10 +275,10 @@ def iter_pairs(
     for position, record in records:
         stats.records += 1
         try:
-            if isinstance(record, _Bad):
+            if isinstance(record, BadRecord):
                 raise record
             if normalise is None:
-                fmt = fmt or _detect_format(record)
+                fmt = fmt or detect_format(record)
                 if fmt is None:
                     raise DataError(
                         cfg.path,
@@ -461,27 +287,38 @@ def iter_pairs(
                         f"layouts: {LAYOUTS}",
                         **{unit: position},
                     )
-                normalise = _chat_normaliser(tokenizer, cfg.path) if fmt == "chat" else (
-                    _explicit if fmt == "explicit" else _hh
-                )
+                if fmt in CONVERSATIONAL:
+                    _check_chat_tokenizer(tokenizer, cfg.path)
+                normalise = normaliser(fmt, tokenizer)
                 stats.format = fmt
             pair = normalise(record)
             if pair.source_id is not None and pair.source_id in id_positions:
                 first = id_positions[pair.source_id]
                 if pair.content_id not in seen:  # same id, other content (a true duplicate is dropped below)
-                    raise _Bad("duplicate_id", "id", f"duplicate id {pair.source_id!r}: already used by a different record at {unit} {first}")
-        except _Bad as bad:
+                    raise BadRecord("duplicate_id", "id", f"duplicate id {pair.source_id!r}: already used by a different record at {unit} {first}")
+            margin = pair.score_margin
+            if cfg.min_score_margin is not None and margin is None:
+                raise BadRecord(
+                    "missing_field", "score_chosen",
+                    "missing (data.min_score_margin is set, so every record needs "
+                    "score_chosen/score_rejected or margin)",
+                )
+        except BadRecord as bad:
             if cfg.on_bad_record == "error":
                 raise DataError(
                     cfg.path, bad.reason, bad.detail, field=bad.field, **{unit: position}
                 ) from bad.__cause__
             skipped[bad.reason] += 1
             continue
+        if cfg.min_score_margin is not None and margin < cfg.min_score_margin:
+            stats.below_min_score_margin += 1
+            continue
         content_id = pair.content_id  # a hash: compute once
         if content_id in seen:
             stats.duplicates += 1
             continue
         seen.add(content_id)
+        stats.scored += margin is not None
         if pair.source_id is not None:
             id_positions[pair.source_id] = position
         yield content_id, pair
@@ -490,7 +327,9 @@ def iter_pairs(
     if stats.records == 0:
         raise DataError(cfg.path, "empty_file", "no records: the source is empty")
     if not seen:
-        counts = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        dropped = {**skipped, **({"below_min_score_margin": stats.below_min_score_margin}
+                                 if stats.below_min_score_margin else {})}
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
         raise DataError(
             cfg.path, "no_valid_records", f"all {stats.records} records were skipped ({counts})"
         )
@@ -502,7 +341,8 @@ def load_pairs(
     """Read, validate, normalise and de-duplicate one source.
 
     `source` is a DataConfig, or a path / 'hf:<id>' with DataConfig fields as keywords
-    (`format=`, `on_bad_record=`, `limit=`, ...). `tokenizer` is needed only for chat data.
+    (`format=`, `on_bad_record=`, `limit=`, ...). `tokenizer` is needed only for
+    conversations (their chat template).
     """
     stats = LoadStats()
     items = list(iter_pairs(_config(source, config), tokenizer, stats))
@@ -513,6 +353,7 @@ def load_pairs(
         duplicates=stats.duplicates,
         source=stats.source,
         format=stats.format,
+        below_min_score_margin=stats.below_min_score_margin,
         content_ids=tuple(content_id for content_id, _ in items),
     )
 
@@ -586,13 +427,16 @@ def load_preference_dataset(cfg: DataConfig, tokenizer: Any = None) -> Preferenc
         duplicates=loaded.duplicates,
         source=loaded.source,
         format=loaded.format,
+        below_min_score_margin=loaded.below_min_score_margin,
+        min_score_margin=cfg.min_score_margin,
     )
 
 
 def write_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike) -> Path:
     """Write pairs as explicit-format JSONL (gzipped if the name ends in .gz), atomically.
 
-    Keys: prompt, chosen, rejected, plus category and id when set. The file appears complete
+    Keys: prompt, chosen, rejected, plus category, id, score_chosen, score_rejected and margin
+    when set, so the file loads back to the same pairs. The file appears complete
     or not at all: it is written to a temporary file beside it, then renamed over.
     """
     path = Path(path)
@@ -601,13 +445,16 @@ def write_jsonl(pairs: Sequence[PreferencePair], path: str | os.PathLike) -> Pat
         gz = path.name.endswith(".gz")
         out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) if gz else raw
         for pair in pairs:
-            record: dict[str, str] = {
+            record: dict[str, str | float] = {
                 "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected
             }
             if pair.category is not None:
                 record["category"] = pair.category
             if pair.source_id is not None:
                 record["id"] = pair.source_id
+            for key in ("score_chosen", "score_rejected", "margin"):
+                if (value := getattr(pair, key)) is not None:
+                    record[key] = value
             out.write(json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n")
         if out is not raw:
             out.close()  # writes the gzip trailer; `raw` stays open for atomic_open to finish

@@ -10,6 +10,9 @@ Contract:
   bf16 on a GPU that supports it (`LoadedPolicy.autocast_dtype`); on CPU it is plain fp32 (CPU
   bf16 matmuls are slow and lossy for no memory we need). `float32` never autocasts;
   `bfloat16` stores the weights in bf16 (halves memory, for models that do not fit otherwise).
+  With LoRA, `base_dtype` sets the frozen base's storage alone (bf16 base, fp32 adapter: the
+  recipe that fits an 8B LoRA on one GPU); trainable adapter weights are always fp32, and the
+  reference log-probs are keyed by the base's dtype (`LoadedPolicy.reference_dtype`).
 - With LoRA the reference model is the same network with the adapter disabled:
   `with policy.reference(): ...` (no second copy). For full fine-tuning `reference` is None and
   the caller loads a frozen copy once with `load_reference` (reference log-probs are cached, so
@@ -54,6 +57,12 @@ class LoadedPolicy:
     """Dtype the training loop should autocast to (None = no autocast)."""
     base_dir: Path | None = None
     """LoRA: the model the adapter sits on (pi_0); `reference()` runs it. None: full fine-tuning."""
+    config: ModelConfig | None = None
+    """The section it was loaded from, with `state_dir`: what a launched job's ranks load it by."""
+    state_dir: Path | None = None
+    reference_dtype: torch.dtype = torch.float32
+    """Storage dtype of the reference's weights (LoRA: the base's; full fine-tuning loads a fp32
+    copy): part of the reference log-prob cache key, as a bf16 base scores differently."""
 
     def reference_runs(self, model_dir: Path) -> bool:
         """True when `reference()` (adapter disabled) runs exactly the model in `model_dir`, so
@@ -68,8 +77,10 @@ def default_device() -> torch.device:
 
 
 def weights_dtype(cfg: ModelConfig) -> torch.dtype:
-    """Storage dtype of the weights (see the module docstring for the `auto` rule)."""
-    return torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    """Storage dtype of the loaded weights: LoRA's `base_dtype` when set, else `dtype`'s (see the
+    module docstring for the `auto` rule)."""
+    name = cfg.base_dtype if cfg.lora is not None and cfg.base_dtype is not None else cfg.dtype
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 def autocast_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
@@ -180,6 +191,11 @@ def load_policy(
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, peft_cfg)
+        # Adapter weights train in fp32 whatever the base's storage: bf16 master weights lose
+        # small updates (peft's default upcast does this too; stated here, not relied on).
+        for param in model.parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.float()
         reference = model.disable_adapter  # a context-manager factory: base weights only
     model.eval()
     return LoadedPolicy(
@@ -190,6 +206,9 @@ def load_policy(
         device=device,
         autocast_dtype=autocast_dtype(cfg, device),
         base_dir=base_dir if cfg.lora is not None else None,
+        config=cfg,
+        state_dir=Path(state_dir),
+        reference_dtype=weights_dtype(cfg) if cfg.lora is not None else torch.float32,
     )
 
 

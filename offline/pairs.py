@@ -1,8 +1,9 @@
 """The preference pair: the one record type every loader returns and every stage consumes.
 
-A pair is (prompt, chosen, rejected) plus optional provenance. Its `content_id` is a hash of
-the three texts, so the same pair always has the same id whichever file, cycle or judge it came
-from; `id` is the dataset's own id when it had one, else the content id.
+A pair is (prompt, chosen, rejected) plus optional provenance and scores. Its `content_id` is a
+hash of the three texts only, so the same pair always has the same id whichever file, cycle or
+judge it came from, and a dataset's scores or labels never change it; `id` is the dataset's own
+id when it had one, else the content id.
 """
 
 from __future__ import annotations
@@ -39,11 +40,27 @@ class PreferencePair(BaseModel):
     """Optional task/topic label, used for per-category coverage and evaluation."""
     source_id: str | None = None
     """The dataset's own id for this record, when it had one."""
+    score_chosen: float | None = Field(default=None, allow_inf_nan=False)
+    """The dataset's score of `chosen` (e.g. UltraFeedback's rating), when it had one."""
+    score_rejected: float | None = Field(default=None, allow_inf_nan=False)
+    """The dataset's score of `rejected` (offline.data sets both scores or neither)."""
+    margin: float | None = Field(default=None, allow_inf_nan=False)
+    """The dataset's own preference margin column, when it had one."""
 
     @property
     def content_id(self) -> str:
         """Hash of (prompt, chosen, rejected): adding the same pair twice is a no-op anywhere."""
         return content_hash(self.prompt, self.chosen, self.rejected)
+
+    @property
+    def score_margin(self) -> float | None:
+        """How much `chosen` is preferred: the dataset's `margin` when given, else
+        score_chosen - score_rejected; None for a pair without scores."""
+        if self.margin is not None:
+            return self.margin
+        if self.score_chosen is None or self.score_rejected is None:
+            return None
+        return self.score_chosen - self.score_rejected
 
     @property
     def id(self) -> str:

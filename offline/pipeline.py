@@ -74,7 +74,13 @@ def train_policy(
     on_step: Callable[[dict], None] | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Run the one training loop on `pairs` (resumable from `resume_dir` after a kill)."""
+    """Run the one training loop on `pairs` (resumable from `resume_dir` after a kill): in this
+    process, or, with `cfg.num_processes > 1` / `cfg.accelerate_config`, as a launched job of
+    that many ranks whose trained weights come back into `policy` (offline/launch.py)."""
+    if cfg.launched:
+        from offline.launch import launch_training
+
+        return launch_training(policy, pairs, reference_logps, cfg, resume_dir, on_step, progress)
     policy.model.train()
     return train(
         policy.model, pairs, reference_logps, cfg,

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -117,18 +117,24 @@ class ReferenceLogpCache:
         self._dirty.clear()
 
 
-def precision_id(reference_id: str, autocast_dtype: torch.dtype | None) -> str:
-    """The cache key of a reference scored in `autocast_dtype`: log-probs computed in bf16 on a
-    GPU must not be reused by a float32 run on a CPU (or the other way round)."""
-    return reference_id if autocast_dtype is None else f"{reference_id}@{str(autocast_dtype).removeprefix('torch.')}"
+def precision_id(
+    reference_id: str, autocast_dtype: torch.dtype | None, weights_dtype: torch.dtype = torch.float32
+) -> str:
+    """The cache key of a reference scored in `autocast_dtype` with weights stored in
+    `weights_dtype`: log-probs computed in bf16 on a GPU, or by a bf16-stored LoRA base, must not
+    be reused by a float32 run (or the other way round). fp32 storage adds nothing to the key."""
+    key = reference_id if autocast_dtype is None else f"{reference_id}@{str(autocast_dtype).removeprefix('torch.')}"
+    return key if weights_dtype == torch.float32 else f"{key}+w:{str(weights_dtype).removeprefix('torch.')}"
 
 
-def reference_id_of(model_dir: Path, autocast_dtype: torch.dtype | None) -> str:
+def reference_id_of(
+    model_dir: Path, autocast_dtype: torch.dtype | None, weights_dtype: torch.dtype = torch.float32
+) -> str:
     """The reference's cache key: the content id of the checkpoint it is loaded from, and the
     precision its log-probs are computed in (`precision_id`)."""
     from offline.checkpoint import model_id
 
-    return precision_id(model_id(model_dir), autocast_dtype)
+    return precision_id(model_id(model_dir), autocast_dtype, weights_dtype)
 
 
 def ensure_reference_logps(
@@ -138,6 +144,9 @@ def ensure_reference_logps(
     cache_dir: Path | None,
     batch_size: int,
     progress: bool = True,
+    *,
+    num_processes: int = 1,
+    accelerate_config: str | None = None,
 ) -> dict[str, tuple[float, float]]:
     """pi_0's log-probs for `pairs`, computed once per (reference, precision, pair) and cached.
 
@@ -147,32 +156,75 @@ def ensure_reference_logps(
     BE pi_0 (`policy.base_dir == reference_dir`), else the values would be the parent's and the
     KL budget would drift with every cycle, so a mismatch is an error. For full fine-tuning a
     frozen copy of pi_0 is loaded only when some pair is missing from the cache, then freed.
-    """
-    from offline.models import load_reference
 
-    reference_id = reference_id_of(reference_dir, policy.autocast_dtype)
+    With `num_processes > 1` the missing pairs are computed by a launched job of that many ranks
+    (`offline.launch.launch_reference`: each rank takes every N-th of the batches this process
+    would run, the values are gathered on rank 0) and this process caches them, the one writer.
+    """
+    reference_id = reference_id_of(reference_dir, policy.autocast_dtype, policy.reference_dtype)
     cache = ReferenceLogpCache(cache_dir)
     pad = policy.tokenizer.pad_token_id
-    missing = sum(cache.get(reference_id, p) is None for p in pairs)
+    missing = [p for p in pairs if cache.get(reference_id, p) is None]
     kw = dict(progress=progress, pad_token_id=pad, autocast_dtype=policy.autocast_dtype)
-    if missing == 0:
-        out = compute_reference_logps(policy.model, pairs, reference_id, cache, batch_size, **kw)
-    elif policy.reference is not None:
-        if not policy.reference_runs(reference_dir):
-            raise ValueError(
-                f"the LoRA policy's base ({policy.base_dir}) is not the reference {reference_dir}: "
-                "its adapter-disabled log-probs would not be pi_0's"
-            )
-        out = compute_reference_logps(
-            policy.model, pairs, reference_id, cache, batch_size, reference_context=policy.reference, **kw,
+    if missing and policy.reference is not None and not policy.reference_runs(reference_dir):
+        raise ValueError(
+            f"the LoRA policy's base ({policy.base_dir}) is not the reference {reference_dir}: "
+            "its adapter-disabled log-probs would not be pi_0's"
         )
+    if missing and num_processes > 1:
+        from offline.launch import launch_reference  # the launched (multi-process) path
+
+        values = launch_reference(
+            policy, missing, reference_dir, batch_size, num_processes, accelerate_config, progress,
+        )
+        for pair in missing:
+            cache.put(reference_id, pair, *values[pair.pair_id])
+        cache.save()
+        out = compute_reference_logps(policy.model, pairs, reference_id, cache, batch_size, **kw)
+    elif not missing:
+        out = compute_reference_logps(policy.model, pairs, reference_id, cache, batch_size, **kw)
     else:
-        ref_model = load_reference(reference_dir, device=policy.model.device)
-        out = compute_reference_logps(ref_model, pairs, reference_id, cache, batch_size, **kw)
+        with reference_model(policy, reference_dir) as (model, context):
+            out = compute_reference_logps(
+                model, pairs, reference_id, cache, batch_size, reference_context=context, **kw,
+            )
+    log.info("reference log-probs: %d cached, %d computed", len(pairs) - len(missing), len(missing))
+    return out
+
+
+@contextlib.contextmanager
+def reference_model(
+    policy: LoadedPolicy, reference_dir: Path
+) -> Iterator[tuple[nn.Module, Callable[[], ContextManager] | None]]:
+    """The network that runs pi_0, and how to switch it into pi_0: the LoRA policy itself with its
+    adapter disabled, or a frozen copy of `reference_dir` loaded for the block and freed after.
+    The one rule for every process that computes reference log-probs (this one, or a rank)."""
+    from offline.models import load_reference
+
+    if policy.reference is not None:
+        yield policy.model, policy.reference
+        return
+    ref_model = load_reference(reference_dir, device=policy.model.device)
+    try:
+        yield ref_model, None
+    finally:
         del ref_model
         gc.collect()
-    log.info("reference log-probs: %d cached, %d computed", len(pairs) - missing, missing)
-    return out
+
+
+def rank_shard(
+    pairs: Sequence[TokenizedPair], batch_size: int, rank: int, num_processes: int
+) -> list[TokenizedPair]:
+    """The pairs rank `rank` of `num_processes` computes: every N-th of the batches
+    `compute_reference_logps` would form from `pairs` (sorted by length, cut into `batch_size`).
+
+    Whole batches, in order, so `compute_reference_logps` on the shard forms exactly those
+    batches again (same rows, same padding) and each value equals the one-process value up to
+    the kernels' own float rounding; the N shards are disjoint and cover `pairs`.
+    """
+    todo = sorted(pairs, key=lambda p: p.n_tokens)
+    batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+    return [p for batch in batches[rank::num_processes] for p in batch]
 
 
 def reference_context_for(model: nn.Module) -> Callable[[], ContextManager]:

@@ -2,10 +2,11 @@
 
 Contract: `load_tokenized_dataset(cfg, tokenizer, cache_dir)` returns a `TokenizedDataset`:
 the train and held-out splits as `TokenizedPairs` (views of one `offline.token_store`
-store), the dataset fingerprint, what was dropped at load, and the raw token lengths the
-coverage report needs. Same pairs, split, fingerprint, errors and token ids as
-`offline.data.load_preference_dataset` followed by `offline.tokenize.tokenize_pairs`; it never
-holds the whole dataset's texts, only one batch of them.
+store), the dataset fingerprint, what was dropped at load (score-margin drops included), how
+many pairs carry scores, and the raw token lengths the coverage report needs. Same pairs,
+split, fingerprint, errors and token ids as `offline.data.load_preference_dataset` followed by
+`offline.tokenize.tokenize_pairs`; it never holds the whole dataset's texts, only one batch of
+them.
 
 How (one recipe, three exits):
   1. source lookup: a local file is hashed (sha256 of its bytes) and looked up with the data
@@ -20,6 +21,10 @@ How (one recipe, three exits):
      `offline.checkpoint.atomic_dir` renames into place when complete; a crash leaves no entry.
      Pass 2 checks it reads the same pairs as pass 1 (the file must not change in between).
 Without `cache_dir` the two passes are one and the store lives in memory.
+
+The source record beside an entry keeps what the load dropped and counted (skipped records
+per reason, duplicates, pairs below `data.min_score_margin`, scored pairs), so a cached run's
+coverage report equals the cold run's.
 
 The cache holds no pickle: raw int32, `.npy` (`allow_pickle=False`) and JSON. Entries are never
 evicted: delete `<state_dir>/cache/tokenized/` to reclaim the space.
@@ -49,7 +54,7 @@ from offline.tokenize import BATCH_PAIRS, check_limits, encode_batch, tokenizer_
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 """Bumped whenever what a cache entry holds or how its ids are made changes."""
 
 
@@ -68,6 +73,9 @@ class TokenizedDataset:
     max_length: int
     max_prompt_length: int
     cached: bool = False  # True when the ids came from the cache (no tokenizer call)
+    below_min_score_margin: int = 0  # valid pairs dropped by data.min_score_margin
+    min_score_margin: float | None = None  # the filter they were loaded with (None: none)
+    scored_pairs: int = 0  # loaded pairs that carry a score margin (coverage report)
 
     @property
     def pairs(self) -> TokenizedPairs:
@@ -108,7 +116,9 @@ def tokenize_dataset(
         builder.finish(heldout=held), fingerprint=dataset.fingerprint, skipped=dict(dataset.skipped),
         duplicates=dataset.duplicates, source=dataset.source, format=dataset.format,
         tokenizer=tokenizer_identity(tokenizer)["name"], max_length=max_length,
-        max_prompt_length=max_prompt_length,
+        max_prompt_length=max_prompt_length, below_min_score_margin=dataset.below_min_score_margin,
+        min_score_margin=dataset.min_score_margin,
+        scored_pairs=sum(p.score_margin is not None for p in pairs),
     )
 
 
@@ -122,7 +132,8 @@ def load_tokenized_dataset(
     """
     eos_id = check_limits(tokenizer, cfg.max_length, cfg.max_prompt_length)
     tok = tokenizer_identity(tokenizer)
-    common = dict(tokenizer=tok["name"], max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length)
+    common = dict(tokenizer=tok["name"], max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                  min_score_margin=cfg.min_score_margin)
     if cache_dir is None:  # one pass, into memory
         builder, stats = StoreBuilder(), LoadStats()
         ids = _tokenize_source(cfg, tokenizer, eos_id, builder, stats, None, progress)
@@ -136,7 +147,9 @@ def load_tokenized_dataset(
         log.info("tokenized dataset from the cache (%s): %d pairs, no parsing", record["entry"][:12], len(store))
         return split_store(store, fingerprint=record["fingerprint"], skipped=record["skipped"],
                            duplicates=record["duplicates"], source=_source_name(cfg),
-                           format=record["data_format"], cached=True, **common)
+                           format=record["data_format"], cached=True,
+                           below_min_score_margin=record["below_min_score_margin"],
+                           scored_pairs=record["scored_pairs"], **common)
 
     # pass 1: validate, keep ids and categories only
     stats = LoadStats()
@@ -169,13 +182,15 @@ def load_tokenized_dataset(
             pass
         store = TokenStore.open(final)
     summary = {"fingerprint": fingerprint, "skipped": dict(sorted(stats.skipped.items())),
-               "duplicates": stats.duplicates, "data_format": stats.format}
+               "duplicates": stats.duplicates, "data_format": stats.format,
+               "below_min_score_margin": stats.below_min_score_margin, "scored_pairs": stats.scored}
     if source_key:
         atomic_write_json(cache_dir / "sources" / f"{source_key}.json",
                           {"format": CACHE_FORMAT, "entry": entry, **summary})
     log.info("tokenized dataset %s: %d pairs (%s)", entry[:12], len(store), "cached" if cached else "tokenized")
     return split_store(store, fingerprint=fingerprint, skipped=summary["skipped"], duplicates=stats.duplicates,
-                       source=_source_name(cfg), format=stats.format, cached=cached, **common)
+                       source=_source_name(cfg), format=stats.format, cached=cached,
+                       below_min_score_margin=stats.below_min_score_margin, scored_pairs=stats.scored, **common)
 
 
 # ---------------------------------------------------------------- the passes
@@ -255,7 +270,8 @@ def _finish(
     store = builder.finish(heldout=np.fromiter((c in held for c in ids), dtype=bool, count=len(ids)))
     fingerprint = fingerprint_ids((c for c in ids if c not in held), (c for c in ids if c in held), stats.format)
     return split_store(store, fingerprint=fingerprint, skipped=dict(sorted(stats.skipped.items())),
-                       duplicates=stats.duplicates, source=_source_name(cfg), format=stats.format, **common)
+                       duplicates=stats.duplicates, source=_source_name(cfg), format=stats.format,
+                       below_min_score_margin=stats.below_min_score_margin, scored_pairs=stats.scored, **common)
 
 
 # ---------------------------------------------------------------- cache keys and lookups

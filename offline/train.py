@@ -31,9 +31,11 @@ or GPU, or data-parallel when its entry point is started by a launcher, e.g.
 than processes is dropped; metrics are summed over processes; only rank 0 shows the progress
 bar and writes snapshots; I/O around `train`, e.g. checkpoints, is the caller's to guard).
 Resume snapshots hold full trainable weights, so they need replicated parameters (single
-process or DDP), not FSDP sharding. Tested: single process on CPU (CI) and on one CUDA GPU
-(tests/test_cuda.py, run by scripts/gpu_check.sh on a GPU machine; CI has none); multi-process
-is not.
+process or DDP), not FSDP sharding. The flow never runs this under a launcher itself:
+`train.num_processes > 1` makes offline/launch.py start N ranks of offline/worker.py, each
+calling this function. Tested: single process on CPU (CI) and on one CUDA GPU
+(tests/test_cuda.py, run by scripts/gpu_check.sh on a GPU machine); 2 processes over gloo on
+CPU (tests/test_launch.py); multi-GPU DDP/FSDP is not (no GPU machine with several cards).
 
 Resume after a kill: with `resume_dir` and `cfg.save_every`, every `save_every` steps the loop
 writes a snapshot (trainable weights and optimizer tensors as safetensors, scalars/step/RNG/
@@ -207,6 +209,7 @@ def train(
     progress: bool = True,
     reference_model: nn.Module | None = None,
     autocast_dtype: AutocastDtype = "auto",
+    on_trained: Callable[[Any, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train `policy` in place on preference pairs; see the module docstring.
 
@@ -217,7 +220,9 @@ def train(
     `precompute_ref_log_probs=False`). `autocast_dtype` is the forward's precision ("auto": bf16
     on a bf16-capable GPU; pass the one the reference log-probs were computed in).
     `on_step(metrics)` is called after every `log_every`-th step; an exception from it stops the
-    run (the last snapshot stays, for resume).
+    run (the last snapshot stays, for resume). `on_trained(accelerator, model)` is called on every
+    process after the last step with the prepared model, for collective exports (a launched job's
+    rank 0 gathers FSDP's sharded weights through it: offline/worker.py).
     """
     from accelerate import Accelerator  # heavy import, only when training
 
@@ -308,7 +313,9 @@ def train(
         elapsed = time.perf_counter() - t0
         tokens += int(stats[6])
         seconds += elapsed
-        metrics = _step_metrics(stats, n_pairs, step + 1, steps_per_epoch, float(grad_norm), lr, elapsed)
+        # (None under DeepSpeed, which clips inside its own step)
+        grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+        metrics = _step_metrics(stats, n_pairs, step + 1, steps_per_epoch, grad_norm, lr, elapsed)
         history.append(metrics)
         step_pair_ids.append([tokenized_train[j].pair_id for b in step_batches for j in b])
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total_steps:
@@ -323,6 +330,8 @@ def train(
             if on_step is not None:
                 on_step(metrics)
     bar.close()
+    if on_trained is not None:
+        on_trained(accelerator, model)
 
     if resume_dir is not None and accelerator.is_main_process:
         shutil.rmtree(Path(resume_dir) / f"run-{key}", ignore_errors=True)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from offline.config import DataConfig, ModelConfig, TrainConfig
+from offline.config import LAUNCH_FIELDS, DataConfig, ModelConfig, TrainConfig
 from offline.section import Section
 
 
@@ -54,9 +54,18 @@ class GateConfig(Section):
     """When a candidate counts as a regression."""
 
     tolerance: float = Field(default=0.02, ge=0.0)
-    """Largest drop per category (reward units or win-rate points) that still promotes."""
+    """Largest drop per category (reward units or win-rate points) the gate accepts: the lower
+    confidence bound must be >= -tolerance (reward) or >= 0.5 - tolerance (win rate)."""
     metric: Literal["reward", "win_rate"] = "reward"
     """Compare rule/reward-model rewards, or the judge's win rate against the current policy."""
+    min_decisive: int = Field(default=30, ge=2)
+    """Fewest decisive judgments (win_rate: non-tie) or reward samples per compared category,
+    and overall, for a verdict; with fewer the cycle is inconclusive and not promoted."""
+    confidence: float = Field(default=0.95, gt=0.5, lt=1.0)
+    """Two-sided confidence of the interval whose lower end must clear the tolerance."""
+    max_length_ratio: float | None = Field(default=1.5, gt=1.0)
+    """Most the candidate's mean eval response length (tokens) may be over its parent's (1.5:
+    50% longer); above it the gate rejects (length drift games judges). None: no guard."""
 
 
 class PromptPoolConfig(Section):
@@ -65,7 +74,10 @@ class PromptPoolConfig(Section):
     path: Path | None = None
     """JSONL prompt file: `{"prompt", "category"?}` or MT-Bench `{"category", "turns"}` lines."""
     function: str | None = Field(default=None, pattern=r"^[\w.]+:\w+$")
-    """Python callable `module:function` returning (prompt, category) tuples (instead of `path`)."""
+    """Python callable `module:function` returning (prompt, category) tuples (instead of `path`),
+    or (prompt, category, heldout) triples that choose their side of the split themselves."""
+    function_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments `function` is called with (e.g. the question file a templated pool reads)."""
     chat_template: bool = False
     """Render each prompt as one user turn with the tokenizer's chat template."""
     heldout_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
@@ -81,6 +93,8 @@ class PromptPoolConfig(Section):
     def _one_source(self) -> PromptPoolConfig:
         if (self.path is None) == (self.function is None):
             raise ValueError("set exactly one of `path` (a JSONL file) or `function` (module:function)")
+        if self.function_kwargs and self.function is None:
+            raise ValueError("function_kwargs is set but there is no `function` to call with them")
         return self
 
 
@@ -113,6 +127,19 @@ class GenerationConfig(Section):
     """openai backend: re-sends after a 408/409/425/429/5xx, a timeout, a connection error or a malformed reply."""
     retry_backoff_s: float = Field(default=0.5, ge=0.0)
     """openai backend: first retry delay, doubled each retry up to 30 s, with jitter (see `online.http`)."""
+    api: Literal["completions", "chat"] = "completions"
+    """openai backend: `completions` sends the prompt text as is to `/completions` (it already
+    carries the chat template: the server continues exactly what the trainer scores); `chat`
+    sends it as one user message to `/chat/completions`, for servers without `/completions`
+    (the server applies its own template, so `prompts.chat_template` must be off)."""
+    token_ids_prompt: bool = False
+    """openai backend, `api: completions`: send the prompt as token ids (the policy tokenizer's,
+    no special tokens) instead of text, so the server cannot tokenise it differently. vLLM's
+    server accepts this; servers that take only text (`transformers serve`) answer 4xx."""
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    """openai backend: extra JSON fields for every request, for a server's own sampling knobs,
+    e.g. `{"top_k": -1}` (vLLM) or `{"generation_config": "{\"do_sample\": true, \"top_k\": 0}"}`
+    (`transformers serve`, which otherwise decodes greedily). May not set a field tether sets."""
     vllm_gpu_memory_utilization: float = Field(default=0.3, gt=0.0, le=0.95)
     """vllm backend: the share of the GPU's memory vLLM may take (weights + KV cache). The
     policy being trained is on the same GPU in the same process, and vLLM refuses to start when
@@ -127,7 +154,20 @@ class GenerationConfig(Section):
             raise ValueError(
                 "generation.backend 'openai' needs generation.base_url (e.g. http://localhost:8000/v1)"
             )
+        if self.token_ids_prompt and self.api != "completions":
+            raise ValueError("generation.token_ids_prompt needs generation.api 'completions' (chat takes messages)")
+        clash = sorted(set(self.extra_body) & GENERATION_REQUEST_FIELDS)
+        if clash:
+            raise ValueError(
+                f"generation.extra_body may not set {clash}: tether sets them from the generation section"
+            )
         return self
+
+
+GENERATION_REQUEST_FIELDS = frozenset(
+    {"model", "prompt", "messages", "n", "temperature", "top_p", "max_tokens", "seed"}
+)
+"""The fields of a generation request that come from `GenerationConfig` (see `online.generate`)."""
 
 
 class LLMJudgeConfig(Section):
@@ -187,6 +227,32 @@ class RuleJudgeConfig(Section):
     """Import path of the scorer, `package.module:function`."""
     min_margin: float = Field(default=0.0, ge=0.0)
     """Smallest best-minus-worst score difference that makes a label (below: tie)."""
+    eval_function: str | None = Field(
+        default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+    """The scorer evaluation and the gate use instead of `function` (e.g. pass/fail where the
+    judge gives partial credit to rank two failures); None: `function` itself."""
+
+
+class JudgeAuditConfig(Section):
+    """The judge's audit against the static dataset's human labels (`online.audit`)."""
+
+    enabled: bool | None = None
+    """Audit before a cycle labels with this judge (None: yes for llm judges, no for rule and
+    reward-model judges, which `tether judge audit` can still audit on request)."""
+    pairs: int = Field(default=64, gt=0, le=100_000)
+    """Held-out pairs of the static dataset the judge is asked about (both orders each)."""
+    min_agreement: float = Field(default=0.6, ge=0.0, le=1.0)
+    """Least agreement with the human label, over the pairs the judge decided, to label with it."""
+    max_position_conflict: float = Field(default=0.4, ge=0.0, le=1.0)
+    """Most pairs (share of those answered) where both orders named the same letter."""
+    max_unparseable: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Most pairs (share of those answered) with a verdict that could not be read."""
+    enforce: bool = True
+    """Refuse to run a cycle with a judge below these thresholds (false: warn, and label anyway)."""
+
+    def active(self, kind: str) -> bool:
+        """Whether a cycle audits a judge of this kind."""
+        return self.enabled if self.enabled is not None else kind == "llm"
 
 
 class JudgeConfig(Section):
@@ -204,12 +270,28 @@ class JudgeConfig(Section):
     """Most API requests per cycle, retries included (None: unlimited)."""
     max_cost_usd: float | None = Field(default=None, gt=0)
     """No new API request starts once a cycle has spent this much (None: unlimited)."""
+    audit: JudgeAuditConfig = JudgeAuditConfig()
+    """Agreement with human labels, position bias and parse rate, checked before labelling."""
+    max_neutralised_fraction: float = Field(default=0.1, ge=0.0, le=1.0)
+    """A cycle whose samples needed the reward-hacking guards more often than this is flagged."""
 
     @model_validator(mode="after")
     def _section_for_kind(self) -> JudgeConfig:
         if getattr(self, self.kind) is None:
             raise ValueError(f"judge kind is {self.kind!r} but the `{self.kind}` section is missing")
         return self
+
+
+class AnchorConfig(Section):
+    """A static dataset built once from pi_0's own samples, labelled by the judge
+    (`data.path: "online:anchor"`; `online.anchor`)."""
+
+    categories: tuple[str, ...] = Field(min_length=1)
+    """Prompt-pool categories the static dataset covers (the others stay uncovered)."""
+    prompts_per_category: int = Field(default=32, gt=0)
+    """Training-side prompts drawn per covered category (fewer when the pool has fewer)."""
+    k: int = Field(default=4, ge=2)
+    """Samples of pi_0 per prompt; the judge pairs the best with the worst."""
 
 
 class OnlineConfig(Section):
@@ -233,6 +315,11 @@ class OnlineConfig(Section):
     """Pairs in each cycle's mixed training set."""
     train: TrainConfig | None = None
     """Training settings for cycles (None: the top-level `train` section)."""
+    anchor: AnchorConfig | None = None
+    """Build the static dataset from pi_0's samples (with `data.path: "online:anchor"`)."""
+    min_fresh_pairs: int = Field(default=8, ge=0)
+    """Fewest labels the judge must produce in a cycle for it to train; with fewer the cycle is
+    recorded inconclusive (not trained, not promoted, the mix unchanged). 0: always train."""
     eval_samples: int = Field(default=2, ge=1)
     """Samples per held-out prompt when scoring a policy."""
     eval_max_prompts: int = Field(default=96, gt=0)
@@ -247,6 +334,17 @@ class OnlineConfig(Section):
     """When another cycle holds the lock: skip this run (and say so), or wait for it."""
     wait_timeout_s: float | None = Field(default=None, gt=0)
     """With on_busy=wait: give up after this long (None: wait as long as it takes)."""
+
+    @model_validator(mode="after")
+    def _one_chat_template(self) -> OnlineConfig:
+        gen = self.generation
+        if gen.backend == "openai" and gen.api == "chat" and self.prompts.chat_template:
+            raise ValueError(
+                "generation.api 'chat' with prompts.chat_template: the server applies the chat template "
+                "to the message, which would then be templated twice; set prompts.chat_template: false "
+                "(or use generation.api: completions, which sends the templated text as is)"
+            )
+        return self
 
 
 @dataclass
@@ -264,4 +362,11 @@ class CycleInputs:
 
     @property
     def cycle_train(self) -> TrainConfig:
-        return self.online.train or self.train
+        """`online.train` (else `train`). How training is launched (`num_processes`,
+        `accelerate_config`) is the machine's, not the cycle's: `online.train` inherits it from
+        `train` unless it sets it itself."""
+        own = self.online.train
+        if own is None:
+            return self.train
+        inherit = {k: getattr(self.train, k) for k in LAUNCH_FIELDS if k not in own.model_fields_set}
+        return own.model_copy(update=inherit) if inherit else own

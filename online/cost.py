@@ -65,6 +65,8 @@ class CostMeter:
         self.ties = 0
         self.unparseable = 0
         self.errors = 0
+        self.position_conflicts = 0  # part of `ties`
+        self.neutralised = 0  # samples, not pairs
         self.budget_exhausted = False
 
     def reserve(self, n: int) -> bool:
@@ -109,6 +111,8 @@ class CostMeter:
             retries=self.retries,
             cache_hits=self.cache_hits,
             budget_exhausted=self.budget_exhausted,
+            position_conflicts=self.position_conflicts,
+            neutralised=self.neutralised,
         )
 
 

@@ -1,8 +1,18 @@
 """One online refresh cycle, as a recipe of typed steps.
 
-current policy -> evaluate it -> sample prompts -> generate -> judge -> buffer (anchor, fresh
-pairs, mixed draw) -> reference log-probs -> train (the offline loop) -> evaluate the candidate
-+ KL -> gate -> checkpoint, promote or keep for inspection -> controller sets the next mix.
+judge audit -> current policy -> evaluate it -> sample prompts -> generate -> judge -> buffer
+(anchor, fresh pairs, mixed draw) -> reference log-probs -> train (the offline loop) -> evaluate
+the candidate + KL -> gate -> checkpoint, promote or keep for inspection -> controller sets the
+next mix.
+
+The judge audit (`online.audit`, cached per judge and dataset) comes first: a judge below its
+thresholds stops the cycle with `JudgeAuditFailed` before anything is loaded or generated.
+Every cycle's report, lineage and history carry the judge's counters (pairs asked, labels,
+ties, position conflicts, unparseable, dropped, retries, cost, samples neutralised), the fresh
+and anchor pairs drawn and actually trained on, the audit's figures, and `flags` (e.g. too
+many samples needed the judge's reward-hacking guards).
+A judge that labels fewer than `online.min_fresh_pairs` pairs ends the cycle after judging:
+recorded inconclusive (not trained, nothing written but its history row, the mix unchanged).
 
 Each step takes and returns a small named type (`LoadedPolicy`, `Generation`s, `Labels`,
 `BufferUpdate`, `TrainingSet`, `TrainResult`, `CurrentEval` / `CandidateEval`, `CheckpointRef`);
@@ -41,10 +51,11 @@ from offline.reference import ensure_reference_logps
 from offline.registry import CycleState, PolicyRegistry
 from offline.seeds import derive_seed
 from offline.tokenize import TokenizedPair, tokenize_pairs
+from online.audit import JudgeAudit, cycle_audit, neutralised_flag
 from online.config import CycleInputs, GenerationConfig, JudgeConfig
 from online.controller import next_mix
 from online.evaluate import evaluate_candidate, evaluate_current, finite, make_scorer
-from online.gate import decide_promotion
+from online.gate import EvalSummary, Verdict, decide_promotion
 from online.generate import build_generator
 from online.judge import build_judge
 from online.prompts import Prompt, load_prompt_pool, sample_prompts
@@ -58,8 +69,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 class CycleReport(BaseModel):
     """What a cycle did and decided: the row of the KL/reward history.
 
-    Metric dicts are namespaced (`kl/policy_ref`, `judge/cost_usd`, `buffer/anchor_fraction`);
-    `before`/`after` map each category (and "mean") to the gate's metric.
+    Metric dicts are namespaced (`kl/policy_ref`, `judge/cost_usd`, `buffer/anchor_fraction`,
+    `gate/lower_bound`); `before`/`after` map each category (and "mean") to the gate's metric.
+    `verdict` is the gate's (`promote`, `reject`, `inconclusive`); `promoted` says whether the
+    pointer moved (False for a promote verdict in a cycle run with `promote=False`). A cycle whose
+    judge produced fewer than `online.min_fresh_pairs` labels did not train: `checkpoint` is None,
+    `after`, `kl` and `train` are empty and `verdict` is inconclusive.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -67,8 +82,13 @@ class CycleReport(BaseModel):
     index: int
     promoted: bool
     reasons: list[str]
-    checkpoint: CheckpointRef
+    checkpoint: CheckpointRef | None
     parent: CheckpointRef
+    verdict: Verdict
+    gate: dict[str, float] = Field(default_factory=dict)
+    """The gate's numbers: decisive counts, bounds, threshold, length ratio (`gate/...`)."""
+    gate_checks: list[dict[str, Any]] = Field(default_factory=list)
+    """One row per compared unit (each category, "overall"): n, estimate, bounds, status."""
     kl: dict[str, float]
     kl_budget: float
     before: dict[str, float]
@@ -81,6 +101,10 @@ class CycleReport(BaseModel):
     train: dict[str, float]
     seconds: dict[str, float]
     finished_at: float = Field(default_factory=time.time)
+    audit: JudgeAudit | None = None
+    """The judge's audit this cycle was allowed to label under (None: audits off for this judge)."""
+    flags: list[str] = Field(default_factory=list)
+    """Warnings that did not stop the cycle (e.g. reward hacking suspected); empty when none."""
 
 
 def identity_step(name: str, fn: F) -> F:
@@ -125,6 +149,8 @@ class BufferUpdate:
     pairs_added: int
     pairs: list[PreferencePair]
     mix: dict[str, float]
+    fresh_ids: frozenset[str] = frozenset()
+    """Content ids of the drawn pairs that came from the fresh pool."""
 
 
 def fresh_pairs(judgments: list[Judgment], cycle: int, policy_version: str) -> list[FreshPair]:
@@ -149,8 +175,27 @@ def update_buffer(
     buffer.seed_anchor(dataset.train, dataset.fingerprint)
     added = buffer.add_fresh(fresh_pairs(labels.judgments, cycle, policy_version))
     draw = buffer.sample(n, anchor_fraction, seed)
+    fresh = [p.pair.content_id for p in draw.pairs if p.pool == "fresh"]
+    mix = {**draw.stats.metrics(), "buffer/fresh_pairs_drawn": float(len(fresh)),
+           "buffer/anchor_pairs_drawn": float(len(draw.pairs) - len(fresh))}
     return BufferUpdate(fingerprint=dataset.fingerprint, pairs_added=added.added,
-                        pairs=[p.pair for p in draw.pairs], mix=draw.stats.metrics())
+                        pairs=[p.pair for p in draw.pairs], mix=mix, fresh_ids=frozenset(fresh))
+
+
+def trained_counts(pairs: list[PreferencePair], fresh_ids: frozenset[str], step_pair_ids: list[list[str]]) -> dict[str, float]:
+    """Fresh and anchor pairs of the draw that training actually saw (a `max_steps` run may
+    stop before it has seen them all); `train/...` keys."""
+    seen = {i for step in step_pair_ids for i in step}
+    trained = [p.content_id for p in pairs if p.content_id in seen]
+    fresh = sum(i in fresh_ids for i in trained)
+    return {"train/fresh_pairs": float(fresh), "train/anchor_pairs": float(len(trained) - fresh)}
+
+
+def judge_metrics(stats: JudgeStats, generations: list[Generation]) -> dict[str, float]:
+    """The pass's `judge/...` counters plus the samples it saw and the share it neutralised."""
+    samples = sum(len(g.responses) for g in generations)
+    return {**finite(stats.metrics()), "judge/samples": float(samples),
+            "judge/neutralised_fraction": stats.neutralised / samples if samples else 0.0}
 
 
 @dataclass(frozen=True)
@@ -163,12 +208,13 @@ class TrainingSet:
 
 def prepare_training_set(
     policy: LoadedPolicy, pairs: list[PreferencePair], data_cfg: DataConfig, reference_dir: Path,
-    cache_dir: Path, batch_size: int, progress: bool,
+    cache_dir: Path, batch_size: int, progress: bool, num_processes: int = 1, accelerate_config: str | None = None,
 ) -> TrainingSet:
     """Tokenize the draw and get pi_0's log-probs from the one reference service (cached; LoRA:
-    the adapter-disabled base)."""
+    the adapter-disabled base; sharded over a launched job's ranks with `num_processes > 1`)."""
     toks = tokenize_pairs(pairs, policy.tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
-    logps = ensure_reference_logps(policy, toks, reference_dir, cache_dir, batch_size, progress)
+    logps = ensure_reference_logps(policy, toks, reference_dir, cache_dir, batch_size, progress,
+                                   num_processes=num_processes, accelerate_config=accelerate_config)
     return TrainingSet(toks, logps)
 
 
@@ -187,8 +233,15 @@ def run_cycle(
     *,
     step: Callable[[str, F], F] = identity_step,
     progress: bool = True,
+    on_train_step: Callable[[dict], None] | None = None,
+    promote: bool = True,
 ) -> CycleReport:
-    """One refresh cycle under the caller's lock; returns what it did and decided."""
+    """One refresh cycle under the caller's lock; returns what it did and decided.
+
+    `on_train_step` is the training loop's `on_step` hook (e.g. an experiment tracker's).
+    `promote=False` runs everything, gate included, but never moves the pointer (the report's
+    budget probe: an experiment on the gate, not a policy to serve).
+    """
     online, state_dir, name = inputs.online, inputs.state_dir, inputs.name
     train_cfg = inputs.cycle_train
     seconds: dict[str, float] = {}
@@ -200,6 +253,10 @@ def run_cycle(
     index = max(state.completed, current.cycle or 0) + 1
     seed = {stage: derive_seed(inputs.seed, stage, index) for stage in ("eval", "generate", "mix", "kl")}
     parent = current.checkpoint
+    judge_cfg = online.judge
+    with _timed(seconds, "audit"):
+        # First, before any model is loaded or sample generated: may this judge label at all?
+        audit = step("judge-audit", cycle_audit)(inputs) if judge_cfg.audit.active(judge_cfg.kind) else None
     reference_dir = resolve_model_dir(inputs.model, state_dir)
     log.info("cycle %d of %r from %s (anchor_fraction %.3f, beta %.4g)", index, name, parent.path, state.anchor_fraction, state.beta)
 
@@ -218,6 +275,13 @@ def run_cycle(
         generations = step("generate", generate)(policy, online.generation, prompts, seed["generate"], parent.id)
     with _timed(seconds, "judge"):
         labels = step("judge", judge)(online.judge, generations)
+    if len(labels.judgments) < online.min_fresh_pairs:
+        # Too few labels to learn from: training on them (diluted by anchors) would produce a
+        # candidate the gate might pass on anchor pairs alone. Nothing is written but the
+        # history row; the index advances (a deterministic judge would refuse the same samples
+        # again) and the next cycle draws new prompts with the mix unchanged.
+        return _record_untrained(registry, state, index, parent, before.summary, labels, budget=online.controller.kl_budget,
+                                 required=online.min_fresh_pairs, seconds=seconds)
     with _timed(seconds, "buffer"):
         mixed = step("update-buffer", update_buffer)(
             buffer, inputs.data, policy.tokenizer, labels, index, parent.id,
@@ -226,7 +290,7 @@ def run_cycle(
     with _timed(seconds, "reference"):
         training_set = step("reference-logps", prepare_training_set)(
             policy, mixed.pairs, inputs.data, reference_dir, state_dir / "cache" / "reference-logps",
-            train_cfg.reference_batch_size, progress,
+            train_cfg.reference_batch_size, progress, train_cfg.num_processes, train_cfg.accelerate_config,
         )
     with _timed(seconds, "train"):
         cycle_cfg = train_cfg.model_copy(update={
@@ -235,7 +299,7 @@ def run_cycle(
         })
         resume_dir = state_dir / "resume" / f"cycle-{name}-{index}-{parent.id[:8]}"
         result = step("train", train_policy)(
-            policy, training_set.pairs, training_set.reference_logps, cycle_cfg, resume_dir, None, progress,
+            policy, training_set.pairs, training_set.reference_logps, cycle_cfg, resume_dir, on_train_step, progress,
         )
     with _timed(seconds, "eval"):
         after = step("evaluate-candidate", evaluate_candidate)(
@@ -244,9 +308,18 @@ def run_cycle(
         )
     budget = online.controller.kl_budget
     decision = decide_promotion(after.summary, before.summary, after.kl.sequence, budget, online.gate)
+    reasons = decision.reasons + ([] if promote or not decision.promote
+                                  else ["not promoted: this cycle runs with promote=False (an experiment)"])
     mix_next = next_mix(after.kl.sequence, budget, state.anchor_fraction, state.beta, online.controller)
     train_metrics = finite(result.final_metrics)
     kl = finite(after.kl.metrics())
+    judged = judge_metrics(labels.stats, generations)
+    mix = {**finite(mixed.mix), "pairs_added": float(mixed.pairs_added),
+           **trained_counts(mixed.pairs, mixed.fresh_ids, result.step_pair_ids)}
+    flags = [f for f in [neutralised_flag(labels.stats.neutralised, int(judged["judge/samples"]),
+                                          judge_cfg.max_neutralised_fraction)] if f]
+    for flag in flags:
+        log.warning("cycle %d: %s", index, flag)
     with _timed(seconds, "checkpoint"):
         ckpt = step("save-checkpoint", save_policy)(
             policy, state_dir / "checkpoints" / name, f"cycle-{index:04d}-{parent.id[:8]}",
@@ -256,24 +329,51 @@ def run_cycle(
             # unpromoted checkpoint atomically instead of failing forever.
             overwrite=True,
             metrics={"kl": kl, "before": before.summary.model_dump(), "after": after.summary.model_dump(),
-                     "gate": {"promote": decision.promote, "reasons": decision.reasons}, **train_metrics},
+                     "gate": decision.to_dict(), **train_metrics,
+                     "judge": judged, "mix": mix, "judge_audit": audit.summary() if audit else None,
+                     "flags": flags},
         )
-        if decision.promote:
+        if decision.promote and promote:
             registry.promote(ckpt, kind="cycle", cycle=index)
     report = CycleReport(
-        index=index, promoted=decision.promote, reasons=decision.reasons, checkpoint=ckpt, parent=parent,
+        index=index, promoted=decision.promote and promote, reasons=reasons, checkpoint=ckpt, parent=parent,
+        verdict=decision.verdict, gate=decision.metrics(), gate_checks=[c.to_dict() for c in decision.checks],
         kl=kl, kl_budget=budget,
         before={"mean": before.summary.mean, **before.summary.per_category},
         after={"mean": after.summary.mean, **after.summary.per_category},
-        judge=finite(labels.stats.metrics()), mix={**finite(mixed.mix), "pairs_added": float(mixed.pairs_added)},
+        judge=judged, mix=mix,
         next_anchor_fraction=mix_next.anchor_fraction, next_beta=mix_next.beta,
-        controller_reason=mix_next.reason, train=train_metrics, seconds=seconds,
+        controller_reason=mix_next.reason, train=train_metrics, seconds=seconds, audit=audit, flags=flags,
     )
     registry.record_cycle(CycleState(
         completed=index, anchor_fraction=mix_next.anchor_fraction, beta=mix_next.beta,
-        history=[*state.history, report.model_dump(mode="json", exclude={"checkpoint", "parent"})],
+        history=[*state.history, {**report.model_dump(mode="json", exclude={"checkpoint", "parent", "audit"}),
+                                   "judge_audit": audit.summary() if audit else None}],
     ))
     shutil.rmtree(resume_dir, ignore_errors=True)
+    return report
+
+
+def _record_untrained(
+    registry: PolicyRegistry, state: CycleState, index: int, parent: CheckpointRef, before: EvalSummary,
+    labels: Labels, *, budget: float, required: int, seconds: dict[str, float],
+) -> CycleReport:
+    """The cycle whose judge fell short: recorded inconclusive, the controller's state unchanged."""
+    got = len(labels.judgments)
+    report = CycleReport(
+        index=index, promoted=False, verdict="inconclusive", checkpoint=None, parent=parent,
+        reasons=[f"inconclusive, not trained: the judge produced {got} of the {required} labels required "
+                 f"(online.min_fresh_pairs; {labels.stats.ties} ties, {labels.stats.unparseable} unparseable, "
+                 f"{labels.stats.errors} errors{', budget exhausted' if labels.stats.budget_exhausted else ''})"],
+        kl={}, kl_budget=budget, before={"mean": before.mean, **before.per_category}, after={},
+        judge=finite(labels.stats.metrics()), mix={}, next_anchor_fraction=state.anchor_fraction,
+        next_beta=state.beta, controller_reason="unchanged: the cycle did not train", train={}, seconds=seconds,
+    )
+    registry.record_cycle(CycleState(
+        completed=index, anchor_fraction=state.anchor_fraction, beta=state.beta,
+        history=[*state.history, report.model_dump(mode="json", exclude={"checkpoint", "parent"})],
+    ))
+    log.warning("cycle %d: %s", index, report.reasons[0])
     return report
 
 
@@ -284,6 +384,8 @@ def run_cycle_locked(
     step: Callable[[str, F], F] = identity_step,
     progress: bool = True,
     on_acquired: Callable[[], None] | None = None,
+    on_train_step: Callable[[dict], None] | None = None,
+    promote: bool = True,
 ) -> CycleReport:
     """`run_cycle` under the family's cycle lock (Redis, TTL + heartbeat), so exactly one
     cycle trains at a time. Raises `buffer.lock.LockHeld` when another cycle holds the lock
@@ -295,4 +397,4 @@ def run_cycle_locked(
     ):
         if on_acquired is not None:
             on_acquired()
-        return run_cycle(inputs, buffer, step=step, progress=progress)
+        return run_cycle(inputs, buffer, step=step, progress=progress, on_train_step=on_train_step, promote=promote)

@@ -18,6 +18,7 @@ Nothing here imports prefect or redis.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any, Callable
 from offline.models import LoadedPolicy, load_policy, load_reference, resolve_model_dir
 from offline.seeds import derive_seed
 from online.config import CycleInputs, GenerationConfig, JudgeConfig, OnlineConfig
-from online.gate import EvalSummary
+from online.gate import EvalSummary, PromptRewards, WinCounts
 from online.generate import build_generator
 from online.judge import build_judge
 from online.judge_local import load_callable
@@ -39,10 +40,11 @@ Scorer = Callable[[list[tuple[str, str]]], list[float]]
 
 
 def make_scorer(judge_cfg: JudgeConfig) -> Scorer:
-    """The rule or the reward model as a scalar scorer (an LLM judge has none: use win rates)."""
+    """The rule (its `eval_function` when set) or the reward model as a scalar scorer (an LLM
+    judge has none: use win rates)."""
     if judge_cfg.kind == "rule":
         assert judge_cfg.rule is not None
-        fn = load_callable(judge_cfg.rule.function)
+        fn = load_callable(judge_cfg.rule.eval_function or judge_cfg.rule.function)
         return lambda items: [float(fn(p, r)) for p, r in items]
     if judge_cfg.kind == "reward_model":
         rm = build_judge(judge_cfg)
@@ -60,49 +62,64 @@ def sample_eval(policy: LoadedPolicy, prompts: list[Prompt], gen_cfg: Generation
     return [g.model_copy(update={"responses": g.responses[:samples]}) for g in out]
 
 
-def reward_summary(gens: list[Generation], scorer: Scorer) -> EvalSummary:
-    """Mean reward of the samples, per category and overall."""
+def prompt_key(prompt: str) -> str:
+    """16-hex id of a prompt's text: pairs two policies' samples of it in the gate."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[:16]
+
+
+def mean_response_tokens(gens: list[Generation], tokenizer: Any | None) -> float | None:
+    """Mean response length in the policy's tokens (the length guard's measure); None without a tokenizer."""
+    if tokenizer is None:
+        return None
+    texts = [r for g in gens for r in g.responses]
+    if not texts:
+        return None
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return sum(len(x) for x in ids) / len(ids)
+
+
+def reward_summary(gens: list[Generation], scorer: Scorer, tokenizer: Any | None = None) -> EvalSummary:
+    """Rewards of the samples: per category and overall, with counts, spread and each prompt's
+    rewards (the gate pairs them with the other policy's on the same prompts)."""
     items = [(g.prompt, r) for g in gens for r in g.responses]
-    cats = [g.category or "(none)" for g in gens for _ in g.responses]
-    rewards = scorer(items)
-    per: dict[str, list[float]] = {}
-    for c, r in zip(cats, rewards):
-        per.setdefault(c, []).append(r)
-    return EvalSummary(
-        per_category={c: sum(v) / len(v) for c, v in sorted(per.items())},
-        mean=sum(rewards) / max(len(rewards), 1),
-    )
+    rewards = iter(scorer(items))
+    rows = [PromptRewards(key=prompt_key(g.prompt), category=g.category or "(none)",
+                          rewards=tuple(next(rewards) for _ in g.responses)) for g in gens]
+    return EvalSummary.from_rewards(rows, mean_response_tokens(gens, tokenizer))
 
 
-def even_summary(gens: list[Generation]) -> EvalSummary:
+def even_summary(gens: list[Generation], tokenizer: Any | None = None) -> EvalSummary:
     """The current policy's win rate against itself: 0.5 in every category, by definition."""
     cats = sorted({g.category or "(none)" for g in gens})
     return EvalSummary(per_category={c: 0.5 for c in cats}, mean=0.5, win_rate=0.5,
-                       per_category_win_rate={c: 0.5 for c in cats})
+                       per_category_win_rate={c: 0.5 for c in cats},
+                       mean_response_length=mean_response_tokens(gens, tokenizer))
 
 
-def win_rate_summary(candidate: list[Generation], current: list[Generation], judge_cfg: JudgeConfig) -> EvalSummary:
+def win_rate_summary(candidate: list[Generation], current: list[Generation], judge_cfg: JudgeConfig,
+                     tokenizer: Any | None = None) -> EvalSummary:
     """Judge each candidate sample against the current policy's sample for the same prompt.
 
-    Win rate = (wins + ties/2) / comparisons, per category; a tie (the judge's two orders
-    disagree, identical responses, an unparseable verdict) counts half, never as a win.
+    Each comparison is a win, a loss or a tie (the judge's two orders disagree, identical
+    responses, an unparseable verdict), counted per category. The readable win rate counts a
+    tie half; the gate's bound uses the decisive ones only (see `online.gate`).
     """
     pairs = [
         Generation(prompt=c.prompt, category=c.category, responses=(rc, rb), policy_version="eval")
         for c, b in zip(candidate, current) for rc, rb in zip(c.responses, b.responses)
     ]
     judgments, _ = build_judge(judge_cfg).judge_generations(pairs)
-    wins = {(j.prompt, j.chosen) for j in judgments}
-    losses = {(j.prompt, j.rejected) for j in judgments}
-    per: dict[str, list[float]] = {}
+    # A judgment names its comparison by (prompt, chosen, rejected): matching the whole triple
+    # keeps a response that won one comparison and lost another on the same prompt apart.
+    decided = {(j.prompt, j.chosen, j.rejected) for j in judgments}
+    per: dict[str, WinCounts] = {}
     for g in pairs:
-        cand = g.responses[0]
-        score = 1.0 if (g.prompt, cand) in wins else 0.0 if (g.prompt, cand) in losses else 0.5
-        per.setdefault(g.category or "(none)", []).append(score)
-    rates = {c: sum(v) / len(v) for c, v in sorted(per.items())}
-    overall = [x for v in per.values() for x in v]
-    mean = sum(overall) / max(len(overall), 1)
-    return EvalSummary(per_category=rates, mean=mean, win_rate=mean, per_category_win_rate=rates)
+        cand, cur = g.responses
+        outcome = (WinCounts(wins=1) if (g.prompt, cand, cur) in decided else WinCounts(losses=1)
+                   if (g.prompt, cur, cand) in decided else WinCounts(ties=1))
+        cat = g.category or "(none)"
+        per[cat] = per.get(cat, WinCounts()) + outcome
+    return EvalSummary.from_counts(per, mean_response_tokens(candidate, tokenizer))
 
 
 def measure_kl(policy: LoadedPolicy, reference_dir: Path, prompts: list[Prompt], n_samples: int,
@@ -137,7 +154,8 @@ def evaluate_current(policy: LoadedPolicy, prompts: list[Prompt], online: Online
                      scorer: Scorer | None, seed: int) -> CurrentEval:
     """Sample and score the current policy (no scorer: an LLM judge, the 0.5 baseline)."""
     samples = sample_eval(policy, prompts, online.generation, online.eval_samples, seed)
-    return CurrentEval(samples, reward_summary(samples, scorer) if scorer else even_summary(samples))
+    tok = policy.tokenizer
+    return CurrentEval(samples, reward_summary(samples, scorer, tok) if scorer else even_summary(samples, tok))
 
 
 def evaluate_candidate(
@@ -146,7 +164,9 @@ def evaluate_candidate(
 ) -> CandidateEval:
     """Sample and score the candidate exactly as the current policy was, then its KL."""
     samples = sample_eval(policy, prompts, online.generation, online.eval_samples, seed)
-    summary = reward_summary(samples, scorer) if scorer else win_rate_summary(samples, current.samples, online.judge)
+    tok = policy.tokenizer
+    summary = (reward_summary(samples, scorer, tok) if scorer
+               else win_rate_summary(samples, current.samples, online.judge, tok))
     kl = measure_kl(policy, reference_dir, kl_prompts, online.kl_samples, online.generation.max_new_tokens, kl_seed)
     return CandidateEval(summary, kl)
 
@@ -168,6 +188,7 @@ def evaluate_checkpoint(
     sampling pi_0 again (they are returned as `samples` when `path` is pi_0 itself, whose win
     rate against itself is 0.5). The checkpoint is evaluated as the merged model it is (LoRA
     off: nothing trains here). `with_kl=False` skips the KL estimate for a caller that has it.
+    `summary` is the full `EvalSummary` (counts, per-prompt rewards: standard errors).
     """
     model, online, state_dir = inputs.model, inputs.online, inputs.state_dir
     plain = model.model_copy(update={"lora": None})
@@ -189,4 +210,4 @@ def evaluate_checkpoint(
         summary = win_rate_summary(gens, baseline, online.judge)
     kl = finite(measure_kl(policy, reference_dir, list(pool.heldout[: online.kl_prompts]), online.kl_samples,
                            online.generation.max_new_tokens, derive_seed(seed, "kl")).metrics()) if with_kl else {}
-    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": kl, "samples": gens}
+    return {"reward": {"mean": summary.mean, **summary.per_category}, "kl": kl, "samples": gens, "summary": summary}

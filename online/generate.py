@@ -6,11 +6,17 @@ per `(prompt, category)`, in order, each with exactly `k` responses (prompt stri
 EOS). Three backends:
 
 - `hf`: transformers `generate` in-process (the CPU default; reuses a loaded model+tokenizer).
-- `openai`: any OpenAI-compatible completions server (e.g. `vllm serve <checkpoint>`); one
-  request per prompt with `n=k`, at most `concurrency` in flight. Timeouts, retries (which
-  statuses and errors, backoff with jitter, Retry-After) and the API key header come from
-  `online.http`, configured by `max_retries`, `retry_backoff_s`, `timeout_s`, `api_key_env`;
-  a request that fails for good, or a reply without `k` texts, raises `GenerationError`.
+- `openai`: any OpenAI-compatible server (`vllm serve <checkpoint>`, `transformers serve`,
+  llama.cpp's `llama-server`), on `/completions` or, with `api: chat`, `/chat/completions`;
+  one request per prompt with `n=k`, or k single-choice requests per prompt on a server that
+  does not honour `n` (found once per server, see `OpenAIGenerator`); at most `concurrency`
+  in flight. Timeouts, retries (which statuses and errors, backoff with jitter, Retry-After)
+  and the API key header come from `online.http`, configured by `max_retries`,
+  `retry_backoff_s`, `timeout_s`, `api_key_env`; what a good reply is, from `online.replies`.
+  A request that fails for good, or a malformed reply (not JSON, an HTML page, the wrong
+  `object`, no `choices`, a choice without text) that persists through the retries, raises
+  `GenerationError` naming the endpoint (redacted) and what was wrong. Nothing is returned
+  for a partly failed call, so a cycle stops before anything reaches the buffer.
 - `vllm`: in-process `vllm.LLM` on a GPU (optional extra `tether[vllm]`).
 
 Prompts are tokenised without special tokens, as `offline.tokenize` does for training: the
@@ -22,20 +28,27 @@ which the KL estimate in `online.kl` relies on (it shares `sample_ids` below).
 
 from __future__ import annotations
 
+import logging
 import random
+import re
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import httpx
 import torch
 
+from offline.secrets import redact_url
 from offline.seeds import derive_seed
 from online.config import GenerationConfig
 from online.http import RequestFailed, RetryPolicy, auth_headers, post_json
 from online.prompts import Prompt
+from online.replies import chat_texts, completion_texts
 from online.types import Generation
+
+log = logging.getLogger(__name__)
 
 
 class GenerationError(RuntimeError):
@@ -69,7 +82,11 @@ def build_generator(
         name = cfg.model or (str(model_dir) if model_dir is not None else None)
         if name is None:
             raise ValueError("the openai backend needs generation.model or model_dir (the served model name)")
-        return OpenAIGenerator(cfg, name, policy_version)
+        if cfg.token_ids_prompt and tokenizer is None and model_dir is not None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return OpenAIGenerator(cfg, name, policy_version, tokenizer=tokenizer)
     if model_dir is None:
         raise ValueError("the vllm backend needs model_dir (a checkpoint directory)")
     return VLLMGenerator(cfg, model_dir, policy_version)
@@ -206,62 +223,152 @@ class HFGenerator:
 # ------------------------------------------------------------------------- openai backend
 
 
-class OpenAIGenerator:
-    """An OpenAI-compatible `/completions` server; the payload is built only here, at the edge."""
+# A 4xx whose message names `n` (or "choice"): the server refuses several choices per request.
+_NAMES_N = re.compile(r"(?<![\w/.-])[`'\"]?n[`'\"]?(?![\w/.-])|\bchoices?\b", re.IGNORECASE)
 
-    def __init__(self, cfg: GenerationConfig, model_name: str, policy_version: str):
+
+class OpenAIGenerator:
+    """An OpenAI-compatible server (`vllm serve`, `transformers serve`, llama.cpp's `llama-server`).
+
+    Payloads are built only here, at the edge. `api: completions` posts the prompt text (or,
+    with `token_ids_prompt`, its token ids) to `{base_url}/completions`; `api: chat` posts it
+    as one user message to `{base_url}/chat/completions`. Why one user message holding the
+    prompt text: a `Prompt` is the text the trainer scores, already rendered (with
+    `prompts.chat_template`, the template is in it) and the raw question is not kept beside it;
+    so chat mode is allowed only with `prompts.chat_template: false` (`OnlineConfig` refuses
+    the pair), where the text *is* the user's question and the server adds its own template.
+    Samples are then drawn under the server's template while the trainer scores the bare
+    prompt: use completions where the server has them.
+
+    `n`: one request per prompt asks for `n=k` choices. A server that answers fewer (vLLM
+    honours `n`; `transformers serve` ignores it) or refuses `n` with a 4xx that names it
+    (llama.cpp's server) is remembered as single-choice, per (base_url, model, api) for the
+    life of the process, and logged once; from then on each prompt's k samples are k requests
+    without `n`, sample j of prompt i seeded `derive_seed(seed, i, j)`. Replies from before
+    the switch are discarded, so a prompt's samples never depend on when the switch happened.
+    """
+
+    # (base_url, model, api) of servers that answer one choice per request, found this process.
+    _single_choice: ClassVar[set[tuple[str, str, str]]] = set()
+    _single_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, cfg: GenerationConfig, model_name: str, policy_version: str, tokenizer=None):
         self.cfg, self.model_name, self.policy_version = cfg, model_name, policy_version
-        self.url = f"{str(cfg.base_url).rstrip('/')}/completions"
+        base = str(cfg.base_url).rstrip("/")
+        self.url = f"{base}/chat/completions" if cfg.api == "chat" else f"{base}/completions"
+        self._server = (base, model_name, cfg.api)
+        if cfg.token_ids_prompt and tokenizer is None:
+            raise ValueError("generation.token_ids_prompt needs the policy's tokenizer (or model_dir to load it)")
+        self.tokenizer = tokenizer
         # Backoff cap and Retry-After cap: the helper's defaults (30 s, 120 s).
         self.policy = RetryPolicy(
             max_retries=cfg.max_retries, backoff_base_s=cfg.retry_backoff_s, timeout_s=cfg.timeout_s
         )
         self._rng = random.Random()  # backoff jitter only: samples are seeded per request
+        self._parse = chat_texts if cfg.api == "chat" else completion_texts
 
     def __repr__(self) -> str:  # never show headers (the API key)
-        return f"OpenAIGenerator(url={self.url!r}, model={self.model_name!r})"
+        return f"OpenAIGenerator(url={redact_url(self.url)!r}, model={self.model_name!r})"
+
+    @property
+    def single_choice(self) -> bool:
+        """True once this server was found to answer one choice per request (this process)."""
+        return self._server in self._single_choice
 
     def generate(self, prompts: Sequence[Prompt], k: int, seed: int) -> list[Generation]:
         if not prompts:
             return []
+        inputs = (
+            encode_prompts(self.tokenizer, [p for p, _ in prompts])
+            if self.cfg.token_ids_prompt else [p for p, _ in prompts]
+        )
         with (
             httpx.Client(headers=auth_headers(self.cfg.api_key_env)) as client,
             ThreadPoolExecutor(max_workers=self.cfg.concurrency) as pool,
         ):
-            def one(i: int) -> tuple[str, ...]:
-                return self._complete(client, prompts[i][0], k, derive_seed(seed, i))
+            def batch(i: int) -> tuple[str, ...] | None:
+                return None if self.single_choice else self._n_choices(client, inputs[i], k, derive_seed(seed, i))
 
-            responses = list(pool.map(one, range(len(prompts))))
+            texts = list(pool.map(batch, range(len(prompts))))
+            todo = [(i, j) for i, t in enumerate(texts) if t is None for j in range(k)]
+
+            def single(ij: tuple[int, int]) -> str:
+                i, j = ij
+                return self._one_choice(client, inputs[i], derive_seed(seed, i, j))
+
+            by_prompt: dict[int, list[str]] = {}
+            for (i, _), text in zip(todo, pool.map(single, todo)):
+                by_prompt.setdefault(i, []).append(text)
+        for i, samples in by_prompt.items():
+            texts[i] = tuple(samples)
         return [
             Generation(prompt=p, category=c, responses=r, policy_version=self.policy_version)
-            for (p, c), r in zip(prompts, responses)
+            for (p, c), r in zip(prompts, texts)
         ]
 
-    def _complete(self, client: httpx.Client, prompt: str, k: int, seed: int) -> tuple[str, ...]:
-        payload = {
-            "model": self.model_name,
-            "prompt": prompt,
-            "n": k,
-            "temperature": self.cfg.temperature,
-            "top_p": self.cfg.top_p,
-            "max_tokens": self.cfg.max_new_tokens,
-            "seed": seed,
-        }
+    def _payload(self, prompt: str | list[int], seed: int, n: int | None) -> dict:
+        body: dict = dict(self.cfg.extra_body)
+        body["model"] = self.model_name
+        if self.cfg.api == "chat":
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
+        if n is not None:
+            body["n"] = n
+        body.update(
+            temperature=self.cfg.temperature, top_p=self.cfg.top_p, max_tokens=self.cfg.max_new_tokens, seed=seed
+        )
+        return body
+
+    def _post(self, client: httpx.Client, payload: dict) -> tuple[str, ...]:
+        return post_json(client, self.url, payload, self.policy, rng=self._rng, parse=self._parse)
+
+    def _n_choices(self, client: httpx.Client, prompt: str | list[int], k: int, seed: int) -> tuple[str, ...] | None:
+        """k texts from one `n=k` request; None when the server turned out to be single-choice."""
         try:
-            texts = post_json(client, self.url, payload, self.policy, rng=self._rng, parse=_completion_texts)
+            texts = self._post(client, self._payload(prompt, seed, k))
         except RequestFailed as exc:
-            raise GenerationError(str(exc)) from None
-        if len(texts) != k or not all(isinstance(t, str) for t in texts):
-            # Not retried: a server that ignores `n` answers the same way every time.
-            raise GenerationError(
-                f"{self.url}: asked for n={k} completions, got {len(texts)}: does the server support `n`?"
-            )
+            if exc.status in (400, 422) and _NAMES_N.search(exc.detail):
+                self._remember_single_choice(f"refused n={k} (HTTP {exc.status}: {exc.detail})")
+                return None
+            raise GenerationError(self._explain(exc)) from None
+        if len(texts) < k:
+            self._remember_single_choice(f"answered n={k} with {len(texts)} choice{'s' * (len(texts) != 1)}")
+            return None
+        if len(texts) > k:
+            raise GenerationError(f"{redact_url(self.url)}: asked for n={k} completions, got {len(texts)}")
         return texts
 
+    def _one_choice(self, client: httpx.Client, prompt: str | list[int], seed: int) -> str:
+        try:
+            texts = self._post(client, self._payload(prompt, seed, None))
+        except RequestFailed as exc:
+            raise GenerationError(self._explain(exc)) from None
+        if len(texts) != 1:
+            raise GenerationError(f"{redact_url(self.url)}: asked for one completion, got {len(texts)}")
+        return texts[0]
 
-def _completion_texts(body: dict) -> tuple:
-    """The choices' texts in index order (a KeyError/TypeError marks the reply malformed)."""
-    return tuple(c["text"] for c in sorted(body["choices"], key=lambda c: c.get("index", 0)))
+    def _remember_single_choice(self, what: str) -> None:
+        with self._single_lock:
+            if self._server in self._single_choice:
+                return
+            self._single_choice.add(self._server)
+        log.warning(
+            "%s (model %r) %s: sending each prompt's samples as single-choice requests, each with its "
+            "own derived seed, from now on (for this server, this process)",
+            redact_url(self.url), self.model_name, what,
+        )
+
+    def _explain(self, exc: RequestFailed) -> str:
+        """The failure, plus what to change where the status says the configuration is wrong."""
+        hint = ""
+        if exc.status == 404 and self.cfg.api == "completions":
+            hint = "; does the server have /completions? set generation.api: chat if it has only /chat/completions"
+        elif exc.status in (400, 422) and self.cfg.token_ids_prompt:
+            hint = "; the server may not take token ids as a prompt (generation.token_ids_prompt is vLLM's)"
+        elif exc.status in (400, 404) and "model" in exc.detail.lower():
+            hint = f"; set generation.model to the name the server serves (sent {self.model_name!r})"
+        return f"{exc}{hint}"
 
 
 # --------------------------------------------------------------------------- vllm backend

@@ -13,8 +13,9 @@ Contract:
   `max_retry_after_s` gives up instead of stalling the caller for an hour.
 - `post_json` (sync) and `apost_json` (asyncio) POST a JSON payload under a policy, with a
   per-request timeout of `policy.timeout_s`, and return `parse(body)` of the first good reply.
-  A request that fails for good raises `RequestFailed`, whose message names the endpoint, the
-  status (if any), the number of tries and what was wrong, in one line (no traceback chain).
+  A request that fails for good raises `RequestFailed`, whose message names the endpoint (its
+  inline password, if any, redacted), the status (if any), the number of tries and what was
+  wrong, in one line (no traceback chain).
   Optional callbacks see every attempt: `on_send(attempt)` just before it is sent (attempt > 0
   is a retry; it may raise to stop, e.g. a spent budget, and nothing is sent) and
   `on_reply(response_or_error)` after it.
@@ -41,6 +42,8 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Protocol
 
 import httpx
+
+from offline.secrets import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +143,16 @@ class RetryPolicy:
 class RequestFailed(RuntimeError):
     """A request failed for good: "<url>: <what>[ after N tries][: <detail>]".
 
-    `status` is the last answer's HTTP status, None when no answer came back.
+    `url` is redacted (`offline.secrets.redact_url`: an inline password shows as `***`), so
+    the message is safe to log. `status` is the last answer's HTTP status, None when no answer
+    came back; `detail` alone is kept too (callers look into it, e.g. for a parameter's name).
     """
 
     def __init__(self, url: str, what: str, detail: str = "", *, status: int | None = None, attempts: int = 1):
+        url = redact_url(str(url))
         tries = f" after {attempts} tries" if attempts > 1 else ""
         super().__init__(f"{url}: {what}{tries}" + (f": {detail}" if detail else ""))
-        self.url, self.status, self.attempts = url, status, attempts
+        self.url, self.status, self.attempts, self.detail = url, status, attempts, detail
 
 
 _TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.I | re.S)
@@ -157,7 +163,8 @@ def describe_body(content_type: str, text: str) -> str:
     """A short, readable account of an answer's body for an error message (pure).
 
     An HTML page (a proxy's or load balancer's error page) is named by its title or first text
-    rather than quoted; a JSON error object by its message; anything else is quoted, cut short.
+    rather than quoted; a JSON error object by its message (OpenAI's `error.message`, FastAPI's
+    `detail`); anything else is quoted, cut short.
     """
     stripped = text.strip()
     if not stripped:
@@ -172,6 +179,8 @@ def describe_body(content_type: str, text: str) -> str:
         return repr(stripped[:200])
     error = data.get("error") if isinstance(data, dict) else None
     message = error.get("message") if isinstance(error, dict) else error
+    if not message and isinstance(data, dict) and isinstance(data.get("detail"), str):
+        message = data["detail"]  # FastAPI's error body (`transformers serve`, many proxies)
     return repr(str(message)[:200]) if message else repr(stripped[:200])
 
 
@@ -216,7 +225,8 @@ class _Call:
     """One logical POST's decisions across its attempts, shared by both senders (no I/O here)."""
 
     def __init__(self, url, payload, policy, rng, parse, on_send, on_reply) -> None:
-        self.url, self.payload, self.policy, self.rng = str(url), payload, policy, rng
+        # The redacted URL, for messages only: the request goes to the URL as given.
+        self.url, self.payload, self.policy, self.rng = redact_url(str(url)), payload, policy, rng
         self.parse, self.on_send, self.on_reply = parse, on_send, on_reply
         self.timeout = httpx.Timeout(policy.timeout_s)
         self.attempt = -1

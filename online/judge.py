@@ -25,6 +25,16 @@ One interface, three kinds. Every judge has a `name` and
    in flight finish, and the partial judgments are returned with `budget_exhausted=True`.
    `judge_generations` is a sync wrapper (`asyncio.run`) for callers without an event loop;
    inside a running loop, `await ajudge_generations(...)`.
+   Reward-hacking guards (`online.judge_prompt`): the template's delimiters inside a prompt or
+   reply are escaped before they are sent, so a reply cannot close `<reply_a>` and forge a
+   verdict request of its own. A reply that is only a "master key" (":", ".", "Thought
+   process:", "Solution", ...; arXiv 2507.08794) is never shown to the judge: against a reply
+   with substance it is labelled the loser without a request; two of them are a tie. Labelled
+   the loser rather than judged as empty, because an empty reply is never paired, so the
+   policy would get no signal against the hack, while the judge could still be fooled by it
+   anywhere else; as the rejected side of a pair it trains the hack away. (A prompt whose right
+   answer really is "." is the price; such tasks should use a rule judge.) Every sample that
+   needed either guard is counted in `JudgeStats.neutralised`; a cycle flags a high share.
 2. `RewardModelJudge` (kind "reward_model", in `online.judge_local`): a sequence-classification
    model with one label scores prompt+response; the pair is the best vs the worst distinct
    response of each generation when their score margin is > 0 and >= `min_margin`;
@@ -40,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -52,15 +63,20 @@ from typing import Any, Protocol
 import httpx
 
 from offline.atomic import atomic_write_json
+from offline.secrets import redact_url
 from online.config import JudgeConfig, LLMJudgeConfig
 from online.cost import Budget, CostMeter
 from online.http import RequestFailed, RetryPolicy, apost_json, auth_headers
+from online.replies import chat_reply
 from online.judge_prompt import (
     TEMPLATE_VERSION,
     Verdict,
     build_pairwise_messages,
     combine_orders,
+    is_master_key,
+    needs_neutralising,
     parse_verdict,
+    position_conflict,
     select_pairs,
     verdict_cache_key,
 )
@@ -195,7 +211,7 @@ class LLMJudge:
         self._refused = self._answered = 0
 
     def __repr__(self) -> str:
-        return f"LLMJudge(model={self.cfg.model!r}, base_url={self.cfg.base_url!r})"
+        return f"LLMJudge(model={self.cfg.model!r}, base_url={redact_url(self.cfg.base_url)!r})"
 
     def judge_generations(self, generations: list[Generation]) -> tuple[list[Judgment], JudgeStats]:
         """Sync wrapper: runs `ajudge_generations` with `asyncio.run` (no loop may be running)."""
@@ -225,6 +241,7 @@ class LLMJudge:
             self._ssl_context = httpx.create_ssl_context()  # loads the CA bundle: once per judge
         slots: asyncio.Queue[httpx.AsyncClient] = asyncio.Queue()
         self._refused = self._answered = 0  # connection refusals vs HTTP answers, this pass
+        meter.neutralised = sum(needs_neutralising(r) for gen in generations for r in gen.responses)
         try:
             async with contextlib.AsyncExitStack() as stack:
                 for _ in range(cfg.concurrency):
@@ -248,13 +265,14 @@ class LLMJudge:
             # Not one connection was accepted: a wrong URL or a dead server, not bad luck.
             # Training on anchor pairs alone while reporting success would hide it.
             raise JudgeAPIError(
-                f"the judge at {self.cfg.base_url} is unreachable or failing: every one of {len(results)} pairs "
+                f"the judge at {redact_url(self.cfg.base_url)} is unreachable or failing: every one of {len(results)} pairs "
                 f"failed ({stats.calls} requests, retries included); check judge.llm.base_url and that the server is up"
             )
         log.info(
-            "%s: %d pairs -> %d judgments, %d ties, %d unparseable, %d errors; %d calls "
-            "(%d retries, %d cache hits), $%.4f%s in %.1fs",
-            self.name, len(results), stats.judgments, stats.ties, stats.unparseable, stats.errors,
+            "%s: %d pairs -> %d judgments, %d ties (%d position conflicts), %d unparseable, %d errors, "
+            "%d samples neutralised; %d calls (%d retries, %d cache hits), $%.4f%s in %.1fs",
+            self.name, len(results), stats.judgments, stats.ties, stats.position_conflicts, stats.unparseable,
+            stats.errors, stats.neutralised,
             stats.calls, stats.retries, stats.cache_hits, stats.cost_usd,
             " [budget exhausted]" if stats.budget_exhausted else "", time.perf_counter() - started,
         )
@@ -264,6 +282,9 @@ class LLMJudge:
         self, slots: asyncio.Queue[httpx.AsyncClient], meter: CostMeter, gen: Generation, i: int, j: int
     ) -> Judgment | None:
         first, second = gen.responses[i], gen.responses[j]
+        keys_only = is_master_key(first), is_master_key(second)
+        if any(keys_only):
+            return self._master_key_outcome(meter, gen, first, second, *keys_only)
         model = self.cfg.model
         keys = (
             verdict_cache_key(model, gen.prompt, first, second),
@@ -292,6 +313,7 @@ class LLMJudge:
             return None
         if outcome == "tie":
             meter.ties += 1
+            meter.position_conflicts += position_conflict(verdict_ab, verdict_ba)
             return None
         meter.judgments += 1
         chosen, rejected = (first, second) if outcome == "first" else (second, first)
@@ -308,6 +330,21 @@ class LLMJudge:
                 "template": TEMPLATE_VERSION,
                 "policy_version": gen.policy_version,
             },
+        )
+
+    def _master_key_outcome(
+        self, meter: CostMeter, gen: Generation, first: str, second: str, first_key: bool, second_key: bool
+    ) -> Judgment | None:
+        """A pair with a master-key-only reply, decided without a request (see module docstring)."""
+        if first_key and second_key:
+            meter.ties += 1
+            return None
+        meter.judgments += 1
+        chosen, rejected = (second, first) if first_key else (first, second)
+        return Judgment(
+            prompt=gen.prompt, category=gen.category, chosen=chosen, rejected=rejected, judge=self.name,
+            confidence=1.0,
+            details={"neutralised": "master_key", "template": TEMPLATE_VERSION, "policy_version": gen.policy_version},
         )
 
     def _payload(self, prompt: str, response_a: str, response_b: str) -> dict[str, Any]:
@@ -344,7 +381,9 @@ class LLMJudge:
                 lambda: self._payload(prompt, response_a, response_b),
                 self._policy,
                 rng=self._rng,
-                parse=_chat_reply,
+                parse=functools.partial(
+                    _chat_reply, need_usage=bool(self.cfg.price_prompt_per_mtok or self.cfg.price_completion_per_mtok)
+                ),
                 on_send=before_send,
                 on_reply=self._count_reply,
             )
@@ -353,7 +392,7 @@ class LLMJudge:
         except RequestFailed as exc:
             if exc.status in (401, 403, 404):
                 raise JudgeAPIError(
-                    f"judge API {self._url} answered HTTP {exc.status} for model {self.cfg.model!r}: "
+                    f"judge API {redact_url(str(self._url))} answered HTTP {exc.status} for model {self.cfg.model!r}: "
                     f"check base_url, model and the key in ${self.cfg.api_key_env}"
                 ) from None
             log.warning("judge request failed for good; dropping this pair: %s", exc)
@@ -376,9 +415,15 @@ class _OverBudget(Exception):
     """Raised before a send when the budget refuses it: the request is not sent."""
 
 
-def _chat_reply(body: Any) -> tuple[Any, Any]:
-    """(message content, usage) of a chat completion; a KeyError/IndexError/TypeError if malformed."""
-    return body["choices"][0]["message"]["content"], body.get("usage")
+def _chat_reply(body: Any, need_usage: bool = False) -> tuple[Any, Any]:
+    """(message content, usage) of a chat completion (`online.replies.chat_reply`).
+
+    A wrong `object`, missing or empty `choices` or a choice without a `message` raises
+    `ReplyError` saying so (retried, then the pair's error names the redacted endpoint and
+    what was wrong); `need_usage` (the judge prices tokens) makes a reply without token
+    counts malformed too, since the budget could not meter it.
+    """
+    return chat_reply(body, need_usage=need_usage)
 
 
 @contextlib.asynccontextmanager

@@ -7,7 +7,10 @@ draws a cycle's prompts from one side.
 Sources (exactly one per config):
 - a JSONL file, one object per line: `{"prompt": str, "category": str?}`, or MT-Bench's
   `{"question_id", "category", "turns": [str, ...]}` (the first turn is the prompt);
-- a python callable `module:function` returning `(prompt, category)` tuples (or bare strings).
+- a python callable `module:function`, called with `function_kwargs`, returning `(prompt,
+  category)` tuples (or bare strings), or `(prompt, category, heldout)` triples whose bool
+  decides the prompt's side itself (e.g. a split by the question a templated prompt is built
+  on, so no held-out question appears in any training prompt).
 
 The held-out split is decided by a hash of the raw prompt text (before any chat template), so a
 prompt stays on the same side whatever file order, seed or template is used; categories named
@@ -62,10 +65,10 @@ def load_prompt_pool(cfg: PromptPoolConfig, tokenizer=None) -> PromptPool:
     """Read the configured source, split it (hash-deterministic) and render the chat template."""
     if cfg.path is not None:
         source = str(cfg.path)
-        raw = read_prompt_file(cfg.path)
+        raw: list[Prompt | tuple[str, str | None, bool]] = list(read_prompt_file(cfg.path))
     else:
         source = str(cfg.function)
-        raw = call_prompt_function(str(cfg.function))
+        raw = call_prompt_function(str(cfg.function), cfg.function_kwargs)
     if not raw:
         raise PromptError(source, None, None, "no prompts found")
     if cfg.chat_template and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
@@ -76,8 +79,9 @@ def load_prompt_pool(cfg: PromptPoolConfig, tokenizer=None) -> PromptPool:
     train: list[Prompt] = []
     heldout: list[Prompt] = []
     held_cats = set(cfg.heldout_categories)
-    for text, category in raw:
-        side = heldout if category in held_cats or is_heldout(text, cfg.heldout_fraction) else train
+    for text, category, *split in raw:
+        held = split[0] if split else is_heldout(text, cfg.heldout_fraction)
+        side = heldout if category in held_cats or held else train
         side.append((render(text, tokenizer) if cfg.chat_template else text, category))
     return PromptPool(train=tuple(train), heldout=tuple(heldout), source=source)
 
@@ -139,28 +143,34 @@ def _parse_record(record: object, source: str, line: int) -> Prompt:
     return prompt, category
 
 
-def call_prompt_function(spec: str) -> list[Prompt]:
-    """Import `module:function`, call it with no arguments, validate what it returns."""
+def call_prompt_function(spec: str, kwargs: dict | None = None) -> list[Prompt | tuple[str, str | None, bool]]:
+    """Import `module:function`, call it with `kwargs`, validate what it returns."""
     module_name, _, attr = spec.partition(":")
     try:
         fn: Callable[[], Iterable[object]] = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise PromptError(spec, None, None, f"cannot import the prompt function ({exc})") from None
-    out: list[Prompt] = []
-    for i, item in enumerate(fn()):
+    try:
+        items = fn(**(kwargs or {}))
+    except TypeError as exc:  # a kwarg the function does not take, or a required one missing
+        raise PromptError(spec, None, "function_kwargs", str(exc)) from None
+    out: list[Prompt | tuple[str, str | None, bool]] = []
+    for i, item in enumerate(items):
         if isinstance(item, str):
             item = (item, None)
         if (
             not isinstance(item, tuple | list)
-            or len(item) != 2
+            or len(item) not in (2, 3)
             or not isinstance(item[0], str)
             or not item[0].strip()
             or not (item[1] is None or isinstance(item[1], str))
+            or (len(item) == 3 and not isinstance(item[2], bool))
         ):
             raise PromptError(
-                spec, None, f"item {i}", f"expected (prompt: str, category: str | None), got {item!r:.80}"
+                spec, None, f"item {i}",
+                f"expected (prompt: str, category: str | None[, heldout: bool]), got {item!r:.80}",
             )
-        out.append((item[0], item[1]))
+        out.append(tuple(item))  # type: ignore[arg-type]
     return out
 
 

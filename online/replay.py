@@ -44,6 +44,7 @@ class MixStats(Protocol):
 
 class DrawnPair(Protocol):
     pair: PreferencePair
+    pool: str  # "anchor" or "fresh"
 
 
 class MixedDraw(Protocol):

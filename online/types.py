@@ -64,8 +64,12 @@ class JudgeStats(BaseModel):
     """Counters of one judging pass.
 
     Pair outcomes (`judgments`, `ties`, `unparseable`, `errors`) each count pairs, so their sum is
-    the number of pairs decided or given up on; pairs never started because the budget ran out
-    are in none of them (`budget_exhausted` says that happened). `calls` counts HTTP requests
+    the number of pairs decided or given up on (`asked`; `dropped` of them became no label);
+    pairs never started because the budget ran out are in none of them (`budget_exhausted`
+    says that happened). `position_conflicts` is the part of `ties` where both orders named the
+    same letter (position bias). `neutralised` counts samples, not pairs: responses that carried
+    the judge template's delimiters (escaped before judging) or were only a "master key"
+    (labelled the loser without asking; see `online.judge`). `calls` counts HTTP requests
     sent, retries included (`retries` of them were re-sends); `cache_hits` counts verdicts
     served from the cache without a request. Local judges (reward model, rule) make no calls.
     """
@@ -94,6 +98,20 @@ class JudgeStats(BaseModel):
     """Verdicts taken from the cache instead of a request."""
     budget_exhausted: bool = False
     """True when the per-cycle budget (max_calls / max_cost_usd) stopped judging early."""
+    position_conflicts: int = Field(default=0, ge=0)
+    """Ties where both orders named the same letter ("A" both times): position bias, not a verdict."""
+    neutralised: int = Field(default=0, ge=0)
+    """Samples whose text carried template delimiters (escaped) or was only a master key (LLM judge)."""
+
+    @property
+    def asked(self) -> int:
+        """Pairs judged or given up on (the budget's unstarted pairs excluded)."""
+        return self.judgments + self.ties + self.unparseable + self.errors
+
+    @property
+    def dropped(self) -> int:
+        """Pairs asked that became no label (ties, unparseable, failed)."""
+        return self.asked - self.judgments
 
     @property
     def cost_per_1k_judgments(self) -> float | None:
@@ -110,9 +128,13 @@ class JudgeStats(BaseModel):
         """
         decided = self.judgments + self.ties
         out = {
+            "judge/asked": float(self.asked),
             "judge/calls": float(self.calls),
             "judge/judgments": float(self.judgments),
             "judge/ties": float(self.ties),
+            "judge/position_conflicts": float(self.position_conflicts),
+            "judge/dropped": float(self.dropped),
+            "judge/neutralised": float(self.neutralised),
             "judge/unparseable": float(self.unparseable),
             "judge/errors": float(self.errors),
             "judge/retries": float(self.retries),

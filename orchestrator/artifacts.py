@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any, Mapping
 
 
@@ -42,3 +43,23 @@ def sparkline(values: list[float]) -> str:
     lo, hi = min(values), max(values)
     span = (hi - lo) or 1.0
     return "".join(bars[min(7, int((v - lo) / span * 7.999))] for v in values)
+
+
+def audit_markdown(audit: Any, cfg: Any) -> str:
+    """A judge audit (`online.audit.JudgeAudit`) under its thresholds (`JudgeAuditConfig`), as markdown."""
+    from online.audit import audit_failures, audit_rows
+
+    failures = audit_failures(audit, cfg)
+    verdict = ("passes: it may label" if not failures
+               else "FAILS: " + "; ".join(f.text() for f in failures)
+               + ("" if cfg.enforce else " (enforce is off: labelling anyway)"))
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(audit.created_at))
+    return "\n\n".join([
+        f"# Judge audit: `{audit.judge}`",
+        f"Verdict: **{verdict}**.",
+        f"{audit.counts.requested} held-out pairs of `{audit.dataset_source}` (fingerprint "
+        f"`{audit.dataset_fingerprint[:12]}`), each asked in both orders (LLM judges); measured {when} "
+        f"in {audit.seconds:.1f} s; audit `{audit.key}` (cached under the state dir's judge-audits/).",
+        markdown_table(audit_rows(audit, cfg)),
+        "Judge identity: `" + json.dumps(audit.identity, sort_keys=True) + "`",
+    ])

@@ -24,8 +24,10 @@ from orchestrator.runtime import configure_prefect, serverless_flow_settings, st
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 data_app = typer.Typer(no_args_is_help=True, help="Inspect preference datasets.")
 buffer_app = typer.Typer(no_args_is_help=True, help="Inspect and snapshot the replay buffer.")
+judge_app = typer.Typer(no_args_is_help=True, help="Check the judge against human labels.")
 app.add_typer(data_app, name="data")
 app.add_typer(buffer_app, name="buffer")
+app.add_typer(judge_app, name="judge")
 console = Console()
 
 DEMO_CONFIG = Path("configs/demo.yaml")
@@ -126,18 +128,28 @@ def ui(
     raise typer.Exit(subprocess.call(cmd, env=env))
 
 
+def _pm(row: dict[str, Any], group: str) -> str:
+    """"±s.e." of a stage's covered/held-out score, when the report measured one."""
+    se = row.get(f"stderr/{group}", float("nan"))
+    return f"±{se:.3f}" if isinstance(se, float) and math.isfinite(se) else ""
+
+
 def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
     """The per-stage table of `tether demo` / `tether report`."""
     score = "reward" if metric == "reward" else "win rate vs the initial policy"
     table = Table(title=f"{score} on held-out prompts, and KL(policy || reference) vs budget")
-    heads = ["stage", "covered cats", "held-out cats", "KL (± s.e.)", "budget", "promoted"]
+    gate = any("gate/verdict" in r for r in rows)  # the report's rows carry the gate's evidence
+    heads = ["stage", "covered cats", "held-out cats", "KL (± s.e.)", "budget", "promoted"] + (
+        ["gate: n, lower bound vs threshold"] if gate else [])
     for h in heads:
         table.add_column(h, justify="left" if h in ("stage", "promoted") else "right")
     for r in rows:
         kl, se = r["kl/policy_ref"], r.get("kl/stderr", float("nan"))
-        table.add_row(r["stage"], f"{r['reward/covered']:.3f}", f"{r['reward/heldout']:.3f}",
+        n, lower, threshold = (r.get(k, float("nan")) for k in ("gate/n", "gate/lower_bound", "gate/threshold"))
+        table.add_row(r["stage"], f"{r['reward/covered']:.3f}{_pm(r, 'covered')}", f"{r['reward/heldout']:.3f}{_pm(r, 'heldout')}",
                       f"{kl:.3f}" + (f"±{se:.2f}" if math.isfinite(se) else ""), f"{r['kl_budget']:.3g}",
-                      str(r["promoted"]))
+                      str(r["promoted"]),
+                      *([f"n={n:.0f}, {lower:+.3f} vs {threshold:+.3f}" if math.isfinite(n) else "-"] if gate else []))
     console.print(table)
 
 
@@ -169,9 +181,14 @@ def cycle(config: Path = ConfigOpt, set_: Optional[list[str]] = SetOpt) -> None:
     if out.get("skipped"):
         console.print(f"[yellow]skipped:[/yellow] {out['reason']}")
         return
-    verdict = "[green]promoted[/green]" if out["promoted"] else "[red]not promoted (rolled back)[/red]"
+    verdict = ("[green]promoted[/green]" if out["promoted"]
+               else "[yellow]inconclusive, not promoted[/yellow]" if out.get("verdict") == "inconclusive"
+               else "[red]not promoted (rolled back)[/red]")
     console.print(f"cycle {out['index']}: {verdict}: " + "; ".join(out["reasons"]))
+    for flag in out.get("flags") or []:
+        console.print(f"[yellow]flag:[/yellow] {flag}")
     print_metrics(f"cycle {out['index']}", {
+        **out.get("gate", {}),
         **{f"reward_before/{k}": v for k, v in out["before"].items()},
         **{f"reward_after/{k}": v for k, v in out["after"].items()},
         **out["kl"], "kl_budget": out["kl_budget"], **out["judge"], **out["mix"],
@@ -209,15 +226,64 @@ def eval_(
         table.add_row(r["category"], r["split"], f"{r['reward']:.3f}")
     console.print(table)
     print_metrics("KL to the reference", {**out["kl"], "kl_budget": inputs.online.controller.kl_budget})
+    from online.audit import run_audit
+
+    with _user_errors():
+        audit = run_audit(inputs)  # cached after the first cycle (or `tether judge audit`)
+    print_audit(audit, inputs.online.judge.audit)
 
 
 def _covered_categories(cfg) -> set[str]:
     from offline.data import load_preference_dataset
     from offline.models import load_tokenizer, resolve_model_dir
-    from offline.pipeline import resolve_data
+    from online.anchor import resolve_static_data
 
-    ds = load_preference_dataset(resolve_data(cfg.data, cfg.state_dir), tokenizer=load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir)))
+    ds = load_preference_dataset(resolve_static_data(cfg), tokenizer=load_tokenizer(resolve_model_dir(cfg.model, cfg.state_dir)))
     return {p.category for p in ds.train if p.category}
+
+
+def print_audit(audit, audit_cfg) -> bool:
+    """The judge audit as a table and its verdict; True when the judge passes."""
+    import time as _time
+
+    from online.audit import audit_failures, audit_rows
+
+    when = _time.strftime("%Y-%m-%d %H:%M UTC", _time.gmtime(audit.created_at))
+    table = Table(title=f"judge audit of {audit.judge}: {audit.counts.requested} held-out pairs of "
+                        f"{audit.dataset_source} (measured {when}, audit {audit.key})")
+    rows = audit_rows(audit, audit_cfg)
+    for c in rows[0]:
+        table.add_column(c, justify="left" if c == "figure" else "right")
+    for r in rows:
+        table.add_row(*(r[c] for c in rows[0]))
+    console.print(table)
+    failures = audit_failures(audit, audit_cfg)
+    if failures:
+        console.print("[red]the judge fails its audit:[/red] " + "; ".join(f.text() for f in failures)
+                      + ("" if audit_cfg.enforce else " (enforce is off: cycles label anyway)"))
+    else:
+        console.print("[green]the judge passes its audit[/green]")
+    return not failures
+
+
+@judge_app.command("audit")
+def judge_audit(
+    config: Path = ConfigOpt,
+    set_: Optional[list[str]] = SetOpt,
+    refresh: bool = typer.Option(False, help="Measure again even if this judge has a cached audit."),
+) -> None:
+    """Ask the judge about held-out pairs of the static dataset and compare with the human labels.
+
+    Exit code 1 when a figure is below its threshold (judge.audit.*), 0 when it passes.
+    """
+    cfg = _load(config, set_)
+    from online.audit import JudgeAudit
+    from orchestrator.flows import cycle_inputs, judge_audit as judge_audit_flow
+
+    with _user_errors(), serverless_flow_settings():
+        out = judge_audit_flow(config_path=str(config), overrides=parse_sets(set_), refresh=refresh, config=cfg)
+    if not print_audit(JudgeAudit.model_validate(out["audit"]), cycle_inputs(cfg).online.judge.audit):
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -229,8 +295,14 @@ def schedule(
     pause: bool = typer.Option(False, help="Pause the schedule of this config's deployment."),
     resume: bool = typer.Option(False, help="Resume the schedule of this config's deployment."),
     no_serve: bool = typer.Option(False, "--no-serve", help="Create/update the deployment, then exit."),
+    pool: Optional[str] = typer.Option(None, help="Deploy to this Prefect process work pool (created if missing) "
+                                       "instead of serving here; run it with `prefect worker start --pool NAME`."),
+    collision: str = typer.Option("enqueue", help="With --pool: a run due while one runs is queued "
+                                  "(enqueue) or cancelled (cancel-new)."),
+    workdir: Optional[Path] = typer.Option(None, help="With --pool: working dir of the worker's flow runs, "
+                                           "as the worker machine sees it (default: this directory)."),
 ) -> None:
-    """Schedule periodic refresh cycles: a Prefect deployment of the cycle flow, served here."""
+    """Schedule periodic refresh cycles: a Prefect deployment of the cycle flow, served here or by a work pool."""
     cfg = _load(config, None)
     from orchestrator import schedule as sched
 
@@ -243,10 +315,16 @@ def schedule(
         if pause or resume:
             console.print(sched.set_paused(cfg.name, paused=pause))
             return
-        dep = sched.build_deployment(config, cfg.name, every=every, cron=cron)
+        dep = sched.build_deployment(config, cfg.name, every=every, cron=cron, pool=pool, collision=collision,
+                                     working_dir=workdir)
+        if pool is not None and sched.ensure_process_pool(pool):
+            console.print(f"process work pool [bold]{pool}[/bold] created")
         dep_id = sched.apply(dep)
         console.print(f"deployment [bold]{sched.deployment_name(cfg.name)}[/bold] ({dep_id}) created/updated")
-        if not no_serve:
+        if pool is not None:
+            console.print(f"on work pool {pool} (one run at a time, collision: {collision}); run it on the GPU "
+                          f"machine with: [bold]prefect worker start --pool {pool}[/bold]")
+        elif not no_serve:
             console.print("serving it: scheduled runs execute here until Ctrl-C")
             sched.serve(dep)
     except sched.ScheduleError as exc:
@@ -273,7 +351,7 @@ def report(
         table.add_column(c)
     for c in res["claims"]:
         text = verdict(c["holds"])
-        colour = {"yes": "green", "NO": "red", "n/a": "yellow"}[text]
+        colour = {"yes": "green", "NO": "red", "not shown": "yellow"}[text]
         table.add_row(c["claim"], f"[{colour}]{text}[/{colour}]", c["evidence"])
     console.print(table)
     console.print(f"written: {res['paths']['md']}, {res['paths']['png']}")
@@ -286,16 +364,19 @@ def _user_errors() -> Iterator[None]:
     from buffer.connection import ReplayBufferError
     from buffer.server import RedisServerError, RedisServerMissing
     from offline.data import DataError
+    from offline.launch import LaunchError
     from offline.registry import NoCurrentPolicy
+    from online.audit import JudgeAuditFailed
     from online.generate import GenerationError
     from online.judge import JudgeAPIError
     from online.prompts import PromptError
     from orchestrator.config import ConfigError
+    from orchestrator.tracking import TrackingError
 
     try:
         yield
     except (ConfigError, DataError, PromptError, ReplayBufferError, RedisServerMissing, RedisServerError,
-            JudgeAPIError, GenerationError, NoCurrentPolicy) as exc:
+            JudgeAPIError, JudgeAuditFailed, GenerationError, NoCurrentPolicy, TrackingError, LaunchError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
 
@@ -349,8 +430,25 @@ def buffer_import(path: Path, config: Path = ConfigOpt) -> None:
     console.print(f"anchor: {seeded}; fresh: {added}")
 
 
+def refuse_distributed_launch() -> None:
+    """Exit at once (code 2) when started as one rank of a distributed launcher: the flow is one
+    process; training launches its own ranks (`train.num_processes`, offline/launch.py)."""
+    from orchestrator.runtime import launcher_rank_env
+
+    why = launcher_rank_env(os.environ)
+    if why is not None:
+        console.print(
+            f"[red]error:[/red] tether was started by a distributed launcher ({why}): every rank would run "
+            "its own flow and write the same checkpoint. Run it as one process (`tether offline ...`) and set "
+            "`train.num_processes: N` (or `--set train.num_processes=N`, and `train.accelerate_config` for "
+            "FSDP/ZeRO-3): the training task launches the N ranks itself."
+        )
+        raise SystemExit(2)
+
+
 def main() -> None:
     """Console-script entry point."""
+    refuse_distributed_launch()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
 

@@ -9,16 +9,71 @@ written into every checkpoint's lineage and every flow run's artifacts (`redacte
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from buffer.config import BufferConfig
+from buffer.config import BufferConfig, PasswordInUrl
 from offline.config import DataConfig, ModelConfig, TrainConfig
-from offline.secrets import redact
+from offline.secrets import redact, redact_url
+from offline.section import Section
 from online.config import OnlineConfig
+
+TrackerBackend = Literal["tensorboard", "mlflow", "wandb"]
+
+
+class TrackingConfig(Section):
+    """Experiment trackers every flow run logs to (`orchestrator.tracking`, accelerate's tracker API).
+
+    Credentials never live here: MLflow reads `MLFLOW_TRACKING_USERNAME`/`_PASSWORD` (or
+    `_TOKEN`), W&B reads `WANDB_API_KEY`, both from the environment.
+    """
+
+    backends: tuple[TrackerBackend, ...] = ()
+    """Trackers to log to: tensorboard, mlflow, wandb (a list, or "a,b" from --set); empty: none."""
+    dir: Path | None = None
+    """Root of local tracker files (TensorBoard events, the default MLflow store, W&B offline runs); default <state_dir>/tracking."""
+    project: str | None = Field(default=None, min_length=1)
+    """TensorBoard folder, MLflow experiment and W&B project name; default: the run family `name`."""
+    mlflow_uri: str | None = Field(default=None, min_length=1)
+    """MLflow tracking URI (http://host:5000, sqlite:///path.db); default sqlite:///<dir>/mlflow.db."""
+    wandb_mode: Literal["offline", "online"] = "offline"
+    """W&B mode: offline writes runs under <dir>/wandb for a later `wandb sync`; online uploads (needs WANDB_API_KEY)."""
+    wandb_entity: str | None = Field(default=None, min_length=1)
+    """W&B team or user the project belongs to; default: the API key's user."""
+
+    @field_validator("backends", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):  # `--set tracking.backends=tensorboard,mlflow`
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return value
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"a backend is named twice: {list(value)}")
+        return value
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        if url is None:
+            return url
+        try:
+            has_password = urlsplit(url).password is not None
+        except ValueError:
+            has_password = "@" in url
+        if has_password:  # not a ValueError: pydantic would echo the URL, password included
+            raise PasswordInUrl(
+                f"tracking.mlflow_uri {redact_url(url)} embeds a password; remove it and export "
+                "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead"
+            )
+        return url
 
 
 class ConfigError(ValueError):
@@ -52,6 +107,8 @@ class TetherConfig(BaseSettings):
     """The Redis replay buffer (online cycles)."""
     online: OnlineConfig | None = None
     """Online refresh cycles; absent means offline-only."""
+    tracking: TrackingConfig = TrackingConfig()
+    """Experiment trackers (TensorBoard, MLflow, W&B); none by default."""
 
     @classmethod
     def settings_customise_sources(
@@ -88,8 +145,6 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         raw = loaded
     if overrides:
         raw = _deep_merge(raw, overrides)
-    from buffer.config import PasswordInUrl
-
     try:
         return TetherConfig(**raw)
     except PasswordInUrl as exc:  # deliberately not a ValidationError: pydantic would echo the URL

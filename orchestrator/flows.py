@@ -14,8 +14,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import shutil
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -29,11 +31,14 @@ from offline import pipeline
 from offline.reference import ensure_reference_logps
 from offline.tokenized import cache_dir_of
 from offline.registry import PolicyRegistry
-from orchestrator.artifacts import config_markdown, markdown_table, metrics_rows, sparkline
+from online.anchor import resolve_static_data
+from orchestrator.artifacts import audit_markdown, config_markdown, markdown_table, metrics_rows, sparkline
 from orchestrator.config import TetherConfig, load_config, redacted_dump
+from orchestrator.tracking import RunTracker, cycle_metrics, open_run
 
 if TYPE_CHECKING:
     from online.config import CycleInputs
+    from online.gate import EvalSummary
     from online.cycle import CycleReport
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -57,6 +62,16 @@ def resolve_config(
     return config if config is not None else load_config(config_path, overrides)
 
 
+def tracker_run(cfg: TetherConfig, kind: str) -> AbstractContextManager[RunTracker]:
+    """This flow run's experiment-tracker run (`orchestrator.tracking`): named after the flow
+    run, tagged with its id; a no-op when `tracking.backends` is empty."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    return open_run(cfg, kind=kind, run_name=run.name if run else None, flow_run_id=str(run.id) if run else None)
+
+
 def _task(name: str) -> Callable[[F], F]:
     """Decorator: `fn` as a named Prefect task run whose arguments Prefect does not walk.
 
@@ -78,6 +93,7 @@ def _task(name: str) -> Callable[[F], F]:
     return wrap
 
 
+static_data_task = _task("static-dataset")(resolve_static_data)
 load_policy_task = _task("load-policy")(pipeline.load_initial_policy)
 load_data_task = _task("load-and-validate")(pipeline.load_and_validate)
 coverage_task = _task("coverage-report")(pipeline.build_coverage)
@@ -106,13 +122,15 @@ def eval_metrics(prefix: str, ev: pipeline.Evaluation) -> dict[str, float]:
     return out
 
 
-def run_offline(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
-    """The offline baseline body, shared by the flow (`offline_baseline`) and `tether demo`."""
+def run_offline(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | None = None) -> dict[str, Any]:
+    """The offline baseline body, shared by the flow (`offline_baseline`) and `tether demo`;
+    `tracker` gets every training step and the held-out evaluation before and after."""
     logger = get_run_logger()
+    tracker = tracker or RunTracker()
     resolved = redacted_dump(cfg)
     state = cfg.state_dir
 
-    data_cfg = pipeline.resolve_data(cfg.data, state)
+    data_cfg = static_data_task(cfg)
     policy = load_policy_task(cfg.model, state)
     # load + validate + tokenise, streamed; the token ids are cached (memory-mapped) for the next run
     dataset = load_data_task(data_cfg, policy.tokenizer, cache_dir_of(state), progress)
@@ -123,12 +141,15 @@ def run_offline(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
     )
 
     cache_dir = state / "cache" / "reference-logps"
-    ref = reference_task(policy, dataset.pairs, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress)
+    ref = reference_task(policy, dataset.pairs, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress,
+                         num_processes=cfg.train.num_processes, accelerate_config=cfg.train.accelerate_config)
     before = evaluate_task(policy, dataset.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
 
     resume_dir = state / "resume" / f"offline-{dataset.fingerprint[:8]}-{config_key(resolved)}"
-    result = train_task(policy, dataset.train, ref, cfg.train, resume_dir, None, progress)
+    tracker.log(eval_metrics("eval", before), step=0)
+    result = train_task(policy, dataset.train, ref, cfg.train, resume_dir, tracker.log_train_step, progress)
     after = evaluate_task(policy, dataset.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
+    tracker.log(eval_metrics("eval", after), step=result.steps)
 
     metrics: dict[str, Any] = {
         "train/steps": result.steps,
@@ -202,7 +223,9 @@ def offline_baseline(
     config: TetherConfig | None = None,
 ) -> dict[str, Any]:
     """Train the offline-only baseline from a static preference dataset and promote it."""
-    out = run_offline(resolve_config(config_path, overrides, config), progress=progress)
+    cfg = resolve_config(config_path, overrides, config)
+    with tracker_run(cfg, "offline") as tracker:
+        out = run_offline(cfg, progress=progress, tracker=tracker)
     return {k: v for k, v in out.items() if k not in ("before", "after")}
 
 
@@ -223,25 +246,41 @@ def cycle_inputs(cfg: TetherConfig) -> "CycleInputs":
     if cfg.online is None:
         raise ValueError("this config has no `online` section: add one to run refresh cycles (see configs/demo.yaml)")
     return CycleInputs(
-        model=cfg.model, data=pipeline.resolve_data(cfg.data, cfg.state_dir), train=cfg.train, online=cfg.online,
+        model=cfg.model, data=resolve_static_data(cfg), train=cfg.train, online=cfg.online,
         state_dir=cfg.state_dir, name=cfg.name, seed=cfg.seed, config_dump=redacted_dump(cfg),
     )
+
+
+def outcome_label(rep: dict[str, Any]) -> str:
+    """How a cycle's outcome reads in tables: yes, no (rolled back) or no (inconclusive)."""
+    if rep["promoted"]:
+        return "yes"
+    return "no (inconclusive)" if rep.get("verdict") == "inconclusive" else "no (rolled back)"
 
 
 def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
     """KL and reward across cycles: a table and one-line charts (rendered in the Prefect UI)."""
     rows = [{
         "cycle": h["index"],
-        "promoted": "yes" if h["promoted"] else "no (rolled back)",
+        "promoted": outcome_label(h),
+        "gate/n": h.get("gate", {}).get("gate/n", float("nan")),
+        "gate/lower_bound": h.get("gate", {}).get("gate/lower_bound", float("nan")),
         "kl/sequence": h["kl"].get("kl/policy_ref", float("nan")),
         "kl budget": h["kl_budget"],
         "reward before": h["before"]["mean"],
-        "reward after": h["after"]["mean"],
+        "reward after": h["after"].get("mean", float("nan")),
         "anchor_fraction next": h["next_anchor_fraction"],
+        "judge/asked": h["judge"].get("judge/asked", float("nan")),
+        "judge/judgments": h["judge"].get("judge/judgments", float("nan")),
+        "judge/position_conflicts": h["judge"].get("judge/position_conflicts", float("nan")),
         "judge/cost_usd": h["judge"].get("judge/cost_usd", 0.0),
+        "train/fresh_pairs": h["mix"].get("train/fresh_pairs", float("nan")),
+        "train/anchor_pairs": h["mix"].get("train/anchor_pairs", float("nan")),
+        "flags": len(h.get("flags") or []),
     } for h in history]
-    kls = [r["kl/sequence"] for r in rows]
-    rewards = [r["reward after"] for r in rows]
+    # Cycles that did not train (too few labels) have no KL or reward: the charts skip them.
+    kls = [r["kl/sequence"] for r in rows if math.isfinite(r["kl/sequence"])]
+    rewards = [r["reward after"] for r in rows if math.isfinite(r["reward after"])]
     return "\n\n".join([
         "# KL and reward history",
         f"KL budget: {budget:g} nats/sequence.",
@@ -253,51 +292,82 @@ def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
 
 def cycle_markdown(report: "CycleReport") -> str:
     """One cycle's metrics and decision, as markdown."""
-    cats = sorted(k for k in report.after if k != "mean")
-    rows = [{"category": c, "reward before": report.before.get(c, float("nan")),
-             "reward after": report.after[c], "delta": report.after[c] - report.before.get(c, float("nan"))}
+    nan = float("nan")
+    cats = sorted(k for k in {**report.before, **report.after} if k != "mean")
+    rows = [{"category": c, "reward before": report.before.get(c, nan), "reward after": report.after.get(c, nan),
+             "delta": report.after.get(c, nan) - report.before.get(c, nan)}
             for c in ["mean", *cats]]
-    verdict = "promoted" if report.promoted else "NOT promoted (kept for inspection; the previous policy stays current)"
+    verdict = ("promoted" if report.promoted
+               else "INCONCLUSIVE, not promoted (the previous policy stays current)" if report.verdict == "inconclusive"
+               else "NOT promoted (kept for inspection; the previous policy stays current)")
+    where = (f"Checkpoint: `{report.checkpoint.path}`; parent `{report.parent.path}`." if report.checkpoint
+             else f"No checkpoint (not trained); parent `{report.parent.path}`.")
     return "\n\n".join([
         f"# Refresh cycle {report.index}: {verdict}",
-        "Gate: " + "; ".join(report.reasons),
+        f"Gate ({report.verdict}): " + "; ".join(report.reasons),
+        "## Gate evidence per unit (lower bound must be >= threshold)",
+        markdown_table(report.gate_checks) if report.gate_checks else "No gate checks (the cycle did not train).",
         f"KL(pi||pi_0): {report.kl.get('kl/policy_ref', float('nan')):.4f} nats/sequence "
         f"({report.kl.get('kl/policy_ref_per_token', float('nan')):.4f} per token), budget {report.kl_budget:g}.",
         f"Controller: {report.controller_reason}",
+        *(f"**Flag:** {f}" for f in report.flags),
+        ("Judge audit: " + report.audit.judge + ", agreement with human labels " + report.audit.agreement.text()
+         + ", position conflicts " + report.audit.position_conflict.text() + " (artifact `judge-audit`)")
+        if report.audit else "Judge audit: off for this judge (online.judge.audit.enabled).",
         "## Reward per category (held-out prompts)",
         markdown_table(rows),
         "## Judge, mix, training",
         markdown_table(metrics_rows({**report.judge, **report.mix, **report.train})),
         "## Seconds per stage",
         markdown_table(metrics_rows(report.seconds)),
-        f"Checkpoint: `{report.checkpoint.path}`; parent `{report.parent.path}`.",
+        where,
     ])
 
 
-def run_refresh(cfg: TetherConfig, progress: bool = True) -> dict[str, Any]:
-    """One refresh cycle under the cycle lock (skips, and says so, when another one holds it)."""
+def run_refresh(
+    cfg: TetherConfig, progress: bool = True, tracker: RunTracker | None = None, promote: bool = True
+) -> dict[str, Any]:
+    """One refresh cycle under the cycle lock (skips, and says so, when another one holds it);
+    `tracker` gets its training steps and, at step = the cycle's index, `cycle_metrics`.
+    `promote=False`: the gate decides but the pointer never moves (the report's budget probe)."""
     from buffer.lock import LockHeld
     from buffer.store import open_buffer
+    from online.audit import JudgeAuditFailed
     from online.cycle import run_cycle_locked
 
     logger = get_run_logger()
+    tracker = tracker or RunTracker()
     inputs = cycle_inputs(cfg)
+    audit_cfg = inputs.online.judge.audit
     with open_buffer(cfg.buffer, cfg.state_dir) as buf:
         try:
-            report = run_cycle_locked(inputs, buf, step=as_task, progress=progress)
+            report = run_cycle_locked(inputs, buf, step=as_task, progress=progress,
+                                      on_train_step=tracker.log_train_step, promote=promote)
         except LockHeld as exc:
             logger.warning("skipping this cycle: another refresh cycle is running (%s)", exc)
+            tracker.log_text("cycle/skipped", str(exc))
             create_markdown_artifact(f"# Cycle skipped\n\n{exc}", key="refresh-cycle-skipped")
             return {"skipped": True, "reason": str(exc)}
+        except JudgeAuditFailed as exc:
+            create_markdown_artifact(audit_markdown(exc.audit, audit_cfg), key="judge-audit",
+                                     description=f"Judge audit of {exc.audit.judge}: FAILED, the cycle did not run")
+            raise
         history = PolicyRegistry(cfg.state_dir, cfg.name).history()
+    if report.audit is not None:
+        create_markdown_artifact(audit_markdown(report.audit, audit_cfg), key="judge-audit",
+                                 description=f"Judge audit of {report.audit.judge}")
     logger.info(
-        "cycle %d: %s; KL %.4f (budget %g); reward %.4f -> %.4f",
-        report.index, "promoted" if report.promoted else "rolled back",
-        report.kl.get("kl/policy_ref", float("nan")), report.kl_budget, report.before["mean"], report.after["mean"],
+        "cycle %d: %s (gate: %s); KL %.4f (budget %g); reward %.4f -> %.4f",
+        report.index, "promoted" if report.promoted else "not promoted", report.verdict,
+        report.kl.get("kl/policy_ref", float("nan")), report.kl_budget, report.before["mean"],
+        report.after.get("mean", float("nan")),
     )
+    tracker.log(cycle_metrics(report), step=report.index)
+    tracker.log_text("cycle/gate", ("promoted: " if report.promoted else "not promoted: ") + "; ".join(report.reasons))
     create_markdown_artifact(cycle_markdown(report), key="refresh-cycle-metrics", description=f"Cycle {report.index}")
     create_table_artifact(
-        metrics_rows({"promoted": report.promoted, **report.kl, **report.judge, **report.mix}),
+        metrics_rows({"promoted": report.promoted, "verdict": report.verdict, **report.gate, **report.kl,
+                      **report.judge, **report.mix}),
         key="refresh-cycle-table", description=f"Cycle {report.index} metrics",
     )
     create_markdown_artifact(history_markdown(history, report.kl_budget), key="kl-history", description="KL and reward across cycles")
@@ -311,10 +381,36 @@ def refresh_cycle(
     run_label: str = "manual",
     progress: bool = True,
     config: TetherConfig | None = None,
+    promote: bool = True,
 ) -> dict[str, Any]:
     """Refresh the current policy online: generate, judge, buffer, train under the KL budget, gate."""
-    return run_refresh(resolve_config(config_path, overrides, config), progress=progress)
+    cfg = resolve_config(config_path, overrides, config)
+    with tracker_run(cfg, "cycle") as tracker:
+        return run_refresh(cfg, progress=progress, tracker=tracker, promote=promote)
 
+
+@flow(name="judge-audit", flow_run_name="judge-audit-{run_label}", **FLOW_RESULTS)
+def judge_audit(
+    config_path: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    run_label: str = "manual",
+    refresh: bool = False,
+    config: TetherConfig | None = None,
+) -> dict[str, Any]:
+    """Audit the configured judge against the static dataset's human labels (cached); the
+    thresholds are reported, not enforced: a cycle enforces them."""
+    from online.audit import audit_failures, run_audit
+
+    cfg = resolve_config(config_path, overrides, config)
+    inputs = cycle_inputs(cfg)
+    audit = run_audit(inputs, refresh=refresh)
+    audit_cfg = inputs.online.judge.audit
+    failures = audit_failures(audit, audit_cfg)
+    create_markdown_artifact(audit_markdown(audit, audit_cfg), key="judge-audit",
+                             description=f"Judge audit of {audit.judge}: " + ("FAILS" if failures else "passes"))
+    get_run_logger().info("judge audit %s of %s: %s", audit.key, audit.judge,
+                          "; ".join(f.text() for f in failures) or "passes")
+    return {"audit": audit.model_dump(mode="json"), "failures": [f.text() for f in failures]}
 
 # -- the embedded demo / efficacy report: initial -> offline -> N cycles -------------------------
 
@@ -368,6 +464,7 @@ def hybrid_demo(
         stage_row("initial", initial["reward"], initial["kl"], budget, covered, "-"),
         stage_row("offline", offline_eval["reward"], offline_eval["kl"], budget, covered, "yes"),
     ]
+    summaries = {"initial": initial["summary"], "offline": offline_eval["summary"]}
     reports = []
     for i in range(cycles if cycles is not None else inputs.online.cycles):
         rep = refresh_cycle(config_path, overrides, run_label=f"{run_label}-{i + 1}", progress=progress, config=cfg)
@@ -376,16 +473,27 @@ def hybrid_demo(
             continue
         # The cycle's own `after` is the reward (or, with an LLM judge, the win rate against
         # its parent); the stages table wants the same yardstick as the other rows.
-        after = (score(inputs, rep["checkpoint"]["path"], cfg.seed, baseline, with_kl=False)["reward"]
-                 if by_win_rate else rep["after"])
-        rows.append(stage_row(
-            f"cycle {rep['index']}", after, rep["kl"], budget, covered,
-            "yes" if rep["promoted"] else "no (rolled back)",
-        ))
+        rescored = score(inputs, rep["checkpoint"]["path"], cfg.seed, baseline, with_kl=False) \
+            if by_win_rate and rep["checkpoint"] else None
+        after = rescored["reward"] if rescored else rep["after"]
+        summaries[f"cycle {rep['index']}"] = rescored["summary"] if rescored else cycle_summary(rep)
+        rows.append(stage_row(f"cycle {rep['index']}", after, rep["kl"], budget, covered, outcome_label(rep)))
     create_markdown_artifact(
         "# Hybrid demo: reward per stage\n\nCovered categories (in the static dataset): "
         + ", ".join(sorted(covered)) + ".\n\n" + markdown_table(rows),
         key="demo-stages", description="Initial vs offline vs online cycles",
     )
     return {"stages": rows, "cycles": reports, "offline": off, "covered": sorted(covered),
-            "metric": inputs.online.gate.metric, "baseline": baseline}
+            "metric": inputs.online.gate.metric, "baseline": baseline, "summaries": summaries}
+
+
+def cycle_summary(rep: dict[str, Any]) -> "EvalSummary | None":
+    """A cycle's evaluation of its candidate (`final_metrics.after` in the checkpoint's lineage:
+    counts and per-prompt rewards); None for a cycle that saved no checkpoint."""
+    from offline.checkpoint import read_lineage
+    from online.gate import EvalSummary
+
+    if not rep.get("checkpoint"):
+        return None
+    after = read_lineage(rep["checkpoint"]["path"]).get("final_metrics", {}).get("after")
+    return EvalSummary.model_validate(after) if after else None

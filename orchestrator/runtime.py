@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from offline.atomic import atomic_write
 
@@ -95,3 +95,15 @@ def loopback_ca_file(home: Path) -> Path:
         first = bundle[bundle.index("-----BEGIN CERTIFICATE-----"): bundle.index(end) + len(end)] + "\n"
         atomic_write(path, first)  # processes starting at once each write the same bytes
     return path
+
+
+def launcher_rank_env(env: Mapping[str, str]) -> str | None:
+    """Why this process looks like one rank of a distributed launch (torchrun, `accelerate
+    launch --multi_gpu`, ...), or None. Pure: the CLI refuses to start then, since every rank
+    would run its own flow, Prefect API and checkpoint writes."""
+    found = []
+    for key, limit in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)):
+        value = env.get(key, "").strip()
+        if value.lstrip("-").isdigit() and int(value) > limit:
+            found.append(f"{key}={value}")
+    return ", ".join(found) or None

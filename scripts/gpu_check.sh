@@ -9,7 +9,8 @@
 # logs to OUT_DIR (default /tmp/tether-gpu) and exits non-zero when any step failed (2: no GPU).
 # tests/test_cuda.py holds the GPU-only assertions; the suite's tests that train, generate,
 # score or save models run too (the whole suite with `all`), since each picks the GPU when one
-# is present; then `tether demo` and benchmarks/cycle.py.
+# is present; then `tether demo`, the launched training path (train.num_processes = the number
+# of visible GPUs, DDP then FSDP) and benchmarks/cycle.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-/tmp/tether-gpu}
@@ -48,6 +49,25 @@ start=$(date +%s.%N)
 TETHER_STATE_DIR=$state python3 -m orchestrator.cli demo 2>&1 | tee "$out/demo.log" || status=1
 python3 -c "import sys; print(f'demo wall time: {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" \
     "$start" "$(date +%s.%N)" | tee -a "$out/demo.log"
+
+echo "== launched training: tether offline with train.num_processes = visible GPUs (DDP over NCCL)"
+# The flow stays one process and launches N ranks (offline/launch.py). With one GPU it is a
+# launched job of one rank (train.accelerate_config set), which still checks the launch path on
+# CUDA. Same global batch as the in-process run above would need grad_accum_steps; this checks
+# that it runs, that the loss falls, and prints the time; the FSDP file then runs the same job
+# sharded (save_every must stay unset with it).
+ngpu=$(python3 -c "import torch; print(torch.cuda.device_count())")
+for acc in configs/accelerate/ddp.yaml configs/accelerate/fsdp.yaml; do
+    name=$(basename "$acc" .yaml)
+    lstate=$(mktemp -d)
+    start=$(date +%s.%N)
+    TETHER_STATE_DIR=$lstate python3 -m orchestrator.cli offline --set "state_dir=$lstate" \
+        --set "train.num_processes=$ngpu" --set "train.accelerate_config=$acc" --set train.epochs=1 \
+        2>&1 | tee "$out/launched-$name.log" || status=1
+    grep -q "checkpoint:" "$out/launched-$name.log" || { echo "launched $name: no checkpoint written" >&2; status=1; }
+    python3 -c "import sys; print(f'launched {sys.argv[3]} on {sys.argv[4]} GPUs: {float(sys.argv[2]) - float(sys.argv[1]):.1f} s')" \
+        "$start" "$(date +%s.%N)" "$name" "$ngpu" | tee -a "$out/launched-$name.log"
+done
 
 echo "== cycle benchmark on the GPU"
 python3 benchmarks/cycle.py --repeats 5 2>&1 | tee "$out/cycle_bench.log" || status=1

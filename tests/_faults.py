@@ -2,9 +2,10 @@
 
 Contract:
 - `small_overrides(state_dir, ...)` is the demo config shrunk so a cycle takes seconds.
-- `prepare_state(state_dir, overrides)` copies the demo policy (built once per process into a
-  temp dir, ~30 s) into `state_dir`, saves it as the checkpoint `initial` and promotes it, so a
-  refresh cycle can start without the offline flow; it returns the loaded `TetherConfig`.
+- `prepare_state(state_dir, overrides, config=CONFIG, models=None)` copies the demo policy
+  (built once per process into a temp dir, ~30 s), or links the given `models/` dir (e.g.
+  the converted SmolLM2), into `state_dir`, saves it as the checkpoint `initial` and promotes
+  it, so a refresh cycle can start without the offline flow; it returns the loaded `TetherConfig`.
 - `plain_inputs(cfg)` is `orchestrator.flows.cycle_inputs` without importing prefect.
 - `locked_cycle(cfg, buf, step)` is `orchestrator.flows.run_refresh` without Prefect: the plain
   `run_cycle` under the cycle lock; it returns None when another cycle holds the lock.
@@ -15,6 +16,7 @@ Nothing here imports prefect, so the subprocess driver (`tests/_faults_cycle.py`
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -66,8 +68,9 @@ def demo_models_template() -> Path:
     return _TEMPLATE
 
 
-def prepare_state(state_dir: Path, overrides: dict[str, Any]):
-    """Copy the demo policy into `state_dir`, checkpoint it as `initial` and promote it."""
+def prepare_state(state_dir: Path, overrides: dict[str, Any], config: Path = CONFIG, models: Path | None = None):
+    """Copy the demo policy (or the `models` dir given, hard-linked) into `state_dir`, checkpoint
+    it as `initial` and promote it; `config` is the config file the overrides apply to."""
     from offline import pipeline
     from offline.registry import PolicyRegistry
     from offline.train import TrainResult
@@ -75,8 +78,11 @@ def prepare_state(state_dir: Path, overrides: dict[str, Any]):
 
     state_dir.mkdir(parents=True, exist_ok=True)
     if not (state_dir / "models").exists():
-        shutil.copytree(demo_models_template(), state_dir / "models")
-    cfg = load_config(CONFIG, overrides)
+        if models is None:
+            shutil.copytree(demo_models_template(), state_dir / "models")
+        else:  # a real model's weights are hundreds of MB and only read: link them
+            shutil.copytree(models, state_dir / "models", copy_function=_link_or_copy)
+    cfg = load_config(config, overrides)
     policy = pipeline.load_initial_policy(cfg.model, state_dir)
     nothing = TrainResult(history=[], step_pair_ids=[], final_metrics={}, steps=0,
                           resumed_from_step=None, tokens=0, seconds=0.0)
@@ -88,15 +94,22 @@ def prepare_state(state_dir: Path, overrides: dict[str, Any]):
     return cfg
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem
+        shutil.copy2(src, dst)
+
+
 def plain_inputs(cfg):
     """`orchestrator.flows.cycle_inputs` without prefect."""
-    from offline.pipeline import resolve_data
+    from online.anchor import resolve_static_data
     from online.cycle import CycleInputs
     from orchestrator.config import redacted_dump
 
     assert cfg.online is not None
     return CycleInputs(
-        model=cfg.model, data=resolve_data(cfg.data, cfg.state_dir), train=cfg.train, online=cfg.online,
+        model=cfg.model, data=resolve_static_data(cfg), train=cfg.train, online=cfg.online,
         state_dir=cfg.state_dir, name=cfg.name, seed=cfg.seed, config_dump=redacted_dump(cfg),
     )
 

@@ -61,11 +61,11 @@ def fresh_records(n: int, cycle: int, tag: str):
 def buffer_inconsistency(buf) -> str | None:
     """None when every index and group count agrees with the pair hash (no half-applied write
     anywhere); otherwise the three counts, so a failure says which part disagreed."""
-    ns, client = buf.cfg.namespace, buf.connection.client
-    pairs = client.hlen(f"{ns}:pairs")
+    key, client = buf.connection.key, buf.connection.client
+    pairs = client.hlen(key("pairs"))
     groups, _ = buf.groups()
     grouped = sum(g.size for g in groups)
-    indexed = {k: client.zcard(k) for k in client.scan_iter(match=f"{ns}:idx:*")}
+    indexed = {k: client.zcard(k) for k in client.scan_iter(match=key("idx:*"))}
     if grouped == pairs == sum(indexed.values()):
         return None
     return f"pair hash {pairs}, group counts {grouped}, indexes {indexed}"
@@ -108,7 +108,7 @@ class PointerWatch:
             except (OSError, ValueError) as e:
                 self.bad.append(f"pointer file unreadable: {e}")
             try:
-                raw = client.get(f"tether:pointer:current:{self.name}")
+                raw = client.get(f"{{tether}}:pointer:current:{self.name}")
                 records.append(json.loads(raw) if raw else None)
             except redis.RedisError:
                 pass  # the server may be down on purpose

@@ -17,13 +17,16 @@ Scriptable behaviour, applied per request:
 - faults: "400", "429" and "503" (both with `Retry-After: retry_after`, delta-seconds or an
   HTTP-date), "500", "timeout" (sleeps `timeout_sleep_s`
   before answering), "drop" (closes the connection without a reply), "garbage",
-  "always_a", "malformed" (a 200 whose body is not JSON), "no_choices" (a 200 with
-  `"choices": []`);
+  "always_a", "malformed" (a 200 whose body is an HTML page), "no_choices" (a 200 with
+  `"choices": []`), "truncated" (a 200 `application/json` body cut mid-object),
+  "wrong_object" (a 200 models listing, `"object": "list"`), "missing_choices" (a 200 error
+  object without `choices`, as some proxies send), "no_usage" (a good chat reply without
+  `usage`), "html_502" (a load balancer's HTML 502 page);
 - `latency_s`: fixed delay before every answer;
 - `api_key`: when set, requests without `Authorization: Bearer <api_key>` get 401.
 
 Every request is logged (`requests`: arrival time, body key, fault, status, whether the
-Authorization header matched, the ground truth) for assertions. Run as a script
+Authorization header matched, the ground truth, and the parsed JSON body itself) for assertions. Run as a script
 (`python tests/fake_openai_server.py --latency-ms 50`) it prints `READY <base_url>` and serves
 until killed; the benchmark uses it that way so client and server do not share a GIL.
 """
@@ -46,7 +49,8 @@ from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-FAULTS = ("400", "429", "500", "503", "timeout", "drop", "garbage", "always_a", "malformed", "no_choices")
+FAULTS = ("400", "429", "500", "503", "timeout", "drop", "garbage", "always_a", "malformed", "no_choices",
+          "truncated", "wrong_object", "missing_choices", "no_usage", "html_502")
 GARBAGE = "Both replies have their merits, and it is hard to say."
 _REPLY_A = re.compile(r"<reply_a>\n(.*?)\n</reply_a>", re.S)
 _REPLY_B = re.compile(r"<reply_b>\n(.*?)\n</reply_b>", re.S)
@@ -62,6 +66,7 @@ class RequestRecord:
     status: int  # 0 when the connection was dropped
     auth_ok: bool
     truth: str | None  # "A" | "B" | "tie" by the marker rule; None when unreadable
+    body: dict | None = None  # the request's JSON body as received (None when it was not JSON)
 
 
 class FakeOpenAIServer:
@@ -164,15 +169,19 @@ class FakeOpenAIServer:
         except (ValueError, KeyError, TypeError, StopIteration):
             self._log(RequestRecord(t, "", None, 400, auth_ok, None))
             return h.reply(400, {"error": {"message": "bad request"}})
-        fault = self._fault(h, RequestRecord(t, key, None, 0, auth_ok, truth))
+        fault = self._fault(h, RequestRecord(t, key, None, 0, auth_ok, truth, body), "chat.completion")
         if fault == "answered":
             return
         behaviour = fault if fault in ("garbage", "always_a") else self.mode
         text = {"garbage": GARBAGE, "always_a": "A"}.get(behaviour, truth or "tie")
-        with self._lock:
-            self.prompt_tokens += n_words
-            self.completion_tokens += 1
-        h.reply(200, completion(key, body.get("model", self.model), text, n_words))
+        reply = completion(key, body.get("model", self.model), text, n_words)
+        if fault == "no_usage":
+            del reply["usage"]
+        else:
+            with self._lock:
+                self.prompt_tokens += n_words
+                self.completion_tokens += 1
+        h.reply(200, reply)
 
     def _handle_completions(self, h: _Handler, raw: bytes) -> None:
         t = time.monotonic()
@@ -184,7 +193,7 @@ class FakeOpenAIServer:
         except (ValueError, KeyError, TypeError, AttributeError):
             self._log(RequestRecord(t, "", None, 400, auth_ok, None))
             return h.reply(400, {"error": {"message": "bad request"}})
-        if self._fault(h, RequestRecord(t, key, None, 0, auth_ok, None)) == "answered":
+        if self._fault(h, RequestRecord(t, key, None, 0, auth_ok, None, body), "text_completion") == "answered":
             return
         choices = [{"index": j, "text": f"{prompt} #{j}", "finish_reason": "stop"} for j in range(n)]
         h.reply(200, {"id": f"cmpl-{key}", "object": "text_completion", "model": body.get("model", self.model),
@@ -193,8 +202,11 @@ class FakeOpenAIServer:
     def _auth_ok(self, h: _Handler) -> bool:
         return self.api_key is None or h.headers.get("Authorization") == f"Bearer {self.api_key}"
 
-    def _fault(self, h: _Handler, rec: RequestRecord) -> str | None:
-        """Log the request and apply its fault: "answered" when that already replied, else the fault."""
+    def _fault(self, h: _Handler, rec: RequestRecord, kind: str) -> str | None:
+        """Log the request and apply its fault: "answered" when that already replied, else the fault.
+
+        `kind` is the `object` a good reply of this endpoint carries.
+        """
         if not rec.auth_ok:
             self._log(dataclasses.replace(rec, status=401))
             h.reply(401, {"error": {"message": "invalid api key"}})
@@ -206,7 +218,7 @@ class FakeOpenAIServer:
                 fault = self._draw_storm()
         if self.latency_s:
             time.sleep(self.latency_s)
-        status = {"400": 400, "429": 429, "500": 500, "503": 503, "drop": 0}.get(fault or "", 200)
+        status = {"400": 400, "429": 429, "500": 500, "503": 503, "drop": 0, "html_502": 502}.get(fault or "", 200)
         self._log(dataclasses.replace(rec, fault=fault, status=status))
         if fault in ("429", "503"):
             message = "rate limited" if fault == "429" else "overloaded"
@@ -218,7 +230,15 @@ class FakeOpenAIServer:
         elif fault == "malformed":
             h.reply_raw(200, b"<html>upstream hiccup</html>", "text/html")
         elif fault == "no_choices":
-            h.reply(200, {"object": "chat.completion", "choices": []})
+            h.reply(200, {"object": kind, "choices": []})
+        elif fault == "truncated":
+            h.reply_raw(200, b'{"id": "cmpl-1", "object": "' + kind.encode() + b'", "choi', "application/json")
+        elif fault == "wrong_object":
+            h.reply(200, {"object": "list", "data": [{"id": self.model, "object": "model"}]})
+        elif fault == "missing_choices":
+            h.reply(200, {"object": kind, "error": {"message": "upstream model overloaded"}})
+        elif fault == "html_502":
+            h.reply_raw(502, b"<html><head><title>502 Bad Gateway</title></head><body>nginx</body></html>", "text/html")
         else:
             if fault == "timeout":
                 time.sleep(self.timeout_sleep_s)

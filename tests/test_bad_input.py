@@ -94,8 +94,27 @@ def raised(exc_type: type[BaseException], fn: Callable[[], Any]) -> str:
     return str(info.value)
 
 
-def data(ctx: Ctx, path: Path | str, **kw: Any) -> str:
-    return raised(DataError, lambda: load_preference_dataset(DataConfig(path=str(path), **kw)))
+def data(ctx: Ctx, path: Path | str, tokenizer: Any = None, **kw: Any) -> str:
+    return raised(DataError, lambda: load_preference_dataset(DataConfig(path=str(path), **kw), tokenizer))
+
+
+def chat_data(ctx: Ctx, path: Path | str, **kw: Any) -> str:
+    """Conversational records: loaded with a chat tokenizer, so the record's own error shows."""
+    return data(ctx, path, tokenizer=byte_tokenizer(), **kw)
+
+
+def msg(role: str, content: str) -> dict[str, str]:
+    return {"content": content, "role": role}
+
+
+UF = {  # shaped like HuggingFaceH4/ultrafeedback_binarized
+    "prompt": "Name a prime.", "prompt_id": "ab12",
+    "chosen": [msg("user", "Name a prime."), msg("assistant", "7.")],
+    "rejected": [msg("user", "Name a prime."), msg("assistant", "9.")],
+    "messages": [msg("user", "Name a prime."), msg("assistant", "7.")],
+    "score_chosen": 8.0, "score_rejected": 3.0,
+}
+CONV = {k: UF[k] for k in ("chosen", "rejected", "score_chosen", "score_rejected")}  # trl-lib's
 
 
 def prompts(ctx: Ctx, exc: type[BaseException] = PromptError, tokenizer: Any = None, **kw: Any) -> str:
@@ -237,6 +256,28 @@ case("data/hub-while-offline", "hf:org/pairs: cannot read a hub dataset while of
 case("data/chat-without-tokenizer", "chat.jsonl: chat-shaped records", "pass the policy's tokenizer")(
     lambda c: data(c, c.jsonl("chat.jsonl", {"prompt": [{"role": "user", "content": "hi"}],
                                              "chosen": "a", "rejected": "b"})))
+case("data/whitespace-only-prompt", "bad.jsonl:1: field 'prompt': expected a non-empty string, got only whitespace")(
+    lambda c: data(c, c.jsonl("bad.jsonl", {**GOOD, "prompt": " \n\t "})))
+case("data/responses-differ-only-in-whitespace", "bad.jsonl:2: field 'rejected': differs from 'chosen' only in whitespace")(
+    lambda c: data(c, c.jsonl("bad.jsonl", GOOD, {**GOOD, "rejected": " " + GOOD["chosen"] + "\n"})))
+case("data/implicit-no-common-prefix", "bad.jsonl:2: field 'rejected': shares no prefix with 'chosen'")(
+    lambda c: data(c, c.jsonl("bad.jsonl", {"chosen": "The sky is blue.", "rejected": "The sky is grey."},
+                              {"chosen": "Yes, it is.", "rejected": "No."})))
+case("data/conversation-without-assistant-turn", "bad.jsonl:2: field 'chosen': the conversation has no assistant turn")(
+    lambda c: chat_data(c, c.jsonl("bad.jsonl", CONV, {**CONV, "chosen": [msg("user", "Name a prime.")]})))
+case("data/conversations-no-common-prefix", "bad.jsonl:1: field 'rejected': shares no leading message with 'chosen'")(
+    lambda c: chat_data(c, c.jsonl("bad.jsonl", {**CONV, "rejected": [msg("user", "Other?"), msg("assistant", "9.")]})))
+case("data/conversation-ends-with-user-turn", "bad.jsonl:1: field 'rejected[2].role': expected the conversation to end with an assistant turn")(
+    lambda c: chat_data(c, c.jsonl("bad.jsonl", {**CONV, "rejected": CONV["rejected"] + [msg("user", "ok?")]})))
+case("data/ultrafeedback-prompt-disagrees", "bad.jsonl:2: field 'prompt': 'Name an even prime.' is not a user turn",
+     "chosen[0].content is 'Name a prime.'")(
+    lambda c: chat_data(c, c.jsonl("bad.jsonl", UF, {**UF, "prompt": "Name an even prime."})))
+case("data/score-not-a-number", "bad.jsonl:1: field 'score_chosen': expected a finite number or null, got str")(
+    lambda c: chat_data(c, c.jsonl("bad.jsonl", {**UF, "score_chosen": "8.0"})))
+case("data/score-without-its-partner", "bad.jsonl:1: field 'score_rejected': missing")(
+    lambda c: data(c, c.jsonl("bad.jsonl", {**GOOD, "score_chosen": 2})))
+case("data/margin-filter-without-scores", "bad.jsonl:1: field 'score_chosen': missing (data.min_score_margin is set")(
+    lambda c: data(c, c.jsonl("bad.jsonl", GOOD), min_score_margin=1.0))
 case(
     "data/duplicate-ids", "dup.jsonl:2: field 'id'", "duplicate",
 )(lambda c: data(c, c.jsonl("dup.jsonl", {**GOOD, "id": "x1"}, {**GOOD, "prompt": "other", "id": "x1"})))
@@ -261,7 +302,7 @@ case("prompts/function-not-importable", "nope_mod:fn: cannot import the prompt f
 
 
 @case("prompts/function-bad-items",
-      "bad_prompt_source:pool: field 'item 1' expected (prompt: str, category: str | None), got 42")
+      "bad_prompt_source:pool: field 'item 1' expected (prompt: str, category: str | None[, heldout: bool]), got 42")
 def _bad_function(c: Ctx) -> str:
     c.file("bad_prompt_source.py", "def pool():\n    return [('fine', None), 42]\n")
     c.monkeypatch.syspath_prepend(str(c.tmp))
@@ -341,6 +382,10 @@ case("cli/missing-config", "error:", "missing.yaml: config file not found")(
     lambda c: c.cli("offline", "--config", str(c.tmp / "missing.yaml")))
 case("cli/negative-beta", "error:", "train.loss.beta: Input should be greater than 0")(
     lambda c: c.cli("cycle", "--config", str(c.config()), "--set", "train.loss.beta=-1"))
+case("cli/judge-audit-no-pairs", "error:", "online.judge.audit.pairs: Input should be greater than 0")(
+    lambda c: c.cli("judge", "audit", "--config", str(c.config()), "--set", "online.judge.audit.pairs=0"))
+case("cli/judge-audit-threshold-out-of-range", "error:", "online.judge.audit.min_agreement: Input should be less than or equal to 1")(
+    lambda c: c.cli("judge", "audit", "--config", str(c.config()), "--set", "online.judge.audit.min_agreement=1.5"))
 case("cli/unknown-key", "error:", "online.judge.kindd: Extra inputs are not permitted")(
     lambda c: c.cli("cycle", "--config", str(c.config()), "--set", "online.judge.kindd=rule"))
 case("cli/budget-zero", "error:", "online.controller.kl_budget: Input should be greater than 0")(

@@ -33,12 +33,12 @@ def cycle(n: int, c: int, pad: int = 0) -> list[BufferedPair]:
 def assert_consistent(buf: ReplayBuffer) -> None:
     """Every index agrees with the pair hash: no half-written cycle anywhere."""
     groups, _ = buf.groups()
-    ns = buf.cfg.namespace
-    pairs = buf.connection.client.hlen(f"{ns}:pairs")
+    key = buf.connection.key
+    pairs = buf.connection.client.hlen(key("pairs"))
     assert sum(g.size for g in groups) == pairs
-    indexed = sum(buf.connection.client.zcard(k) for k in buf.connection.client.scan_iter(match=f"{ns}:idx:*"))
+    indexed = sum(buf.connection.client.zcard(k) for k in buf.connection.client.scan_iter(match=key("idx:*")))
     assert indexed == pairs
-    assert buf.connection.client.zcard(f"{ns}:fresh:order") == sum(g.size for g in groups if g.pool == "fresh")
+    assert buf.connection.client.zcard(key("fresh:order")) == sum(g.size for g in groups if g.pool == "fresh")
 
 
 def test_acknowledged_pairs_survive_sigkill_with_appendfsync_always(tmp_path: Path) -> None:
@@ -111,7 +111,7 @@ def test_a_torn_write_stays_dropped_after_the_next_write_and_restart(tmp_path: P
     with LocalRedis(tmp_path, appendfsync="always") as server:
         buf = ReplayBuffer.connect(cfg, url=server.url)
         assert buf.stats().per_cycle == {0: 100, 2: 50}
-        assert buf.connection.client.hlen(f"{cfg.namespace}:pairs") == 150  # no torn half of cycle 1
+        assert buf.connection.client.hlen(buf.connection.key("pairs")) == 150  # no torn half of cycle 1
         assert_consistent(buf)
         buf.close()
     assert "MULTI calls can not be nested" not in (tmp_path / "redis.log").read_text()
@@ -163,7 +163,8 @@ from buffer.store import ReplayBuffer
 from offline.pairs import PreferencePair
 recs = [BufferedPair.fresh(PreferencePair(prompt=f"big {i}", chosen="y", rejected="n"), cycle=0) for i in range(500)]
 buf = ReplayBuffer.connect(BufferConfig(url=sys.argv[1]))
-args = ["EVAL", ADD_LUA, 0, *buf._args(recs, guard="")]
+keys, argv = buf._add_call(recs, guard="")
+args = ["EVAL", ADD_LUA, len(keys), *keys, *argv]
 blob = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (str(x).encode() for x in args))
 sock = socket.create_connection((buf.connection.client.connection_pool.connection_kwargs["host"],
                                  buf.connection.client.connection_pool.connection_kwargs["port"]))

@@ -60,18 +60,18 @@ def test_a_second_process_waits_and_gets_the_lock_once_the_killed_holder_expires
     finally:
         holder.kill()
         holder.wait()
-    assert buf.connection.client.get("tether:lock:cycle") is None  # released on exit
+    assert buf.connection.client.get(buf.connection.key("lock:cycle")) is None  # released on exit
 
 
 def test_only_the_holder_can_release_or_extend(buf: ReplayBuffer) -> None:
-    with cycle_lock(buf.connection.client, "tether:lock:x", ttl_s=5, blocking=False) as held:
-        impostor = CycleLock(buf.connection.client, "tether:lock:x", "someone:else:token", ttl_s=5)
+    with cycle_lock(buf.connection.client, "{tether}:lock:x", ttl_s=5, blocking=False) as held:
+        impostor = CycleLock(buf.connection.client, "{tether}:lock:x", "someone:else:token", ttl_s=5)
         assert impostor.release() is False
         with pytest.raises(LockLost):
             impostor.extend()
         assert held.held()
         held.extend(30)
-        assert buf.connection.client.pttl("tether:lock:x") > 20_000
+        assert buf.connection.client.pttl("{tether}:lock:x") > 20_000
 
 
 def test_heartbeat_keeps_a_long_cycle_locked(buf: ReplayBuffer) -> None:

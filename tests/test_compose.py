@@ -183,7 +183,7 @@ def test_redis_start_passes_aof_flags_and_requirepass_only_when_set(tmp_path, pa
     out = proc.stdout.read()
     argv = [line[4:] for line in out.splitlines() if line.startswith("ARG ")]
     base = ["redis-server", "--port", "1", "--appendonly", "yes", "--appendfsync", "everysec",
-            "--dir", str(data), "--logfile", str(data / "redis-server.log")]
+            "--maxmemory-policy", "noeviction", "--dir", str(data), "--logfile", str(data / "redis-server.log")]
     assert argv == (base + ["--requirepass", password] if password else base)
 
 
@@ -193,7 +193,7 @@ def test_redis_start_rewrites_an_aof_whose_torn_tail_it_cut(tmp_path):
     """A torn last transaction (cut inside its MULTI, see tests/test_buffer_durability.py): the
     compose redis drops it, rewrites the AOF, and the torn half stays out after the next write
     and restart."""
-    from buffer.server import free_port, resp_command
+    from buffer.server import RedisServerError, free_port, resp_command
     from buffer.store import ReplayBuffer
     from test_buffer_durability import assert_consistent, cycle, tear_inside_multi, two_cycles_then_sigkill
 
@@ -211,7 +211,7 @@ def test_redis_start_rewrites_an_aof_whose_torn_tail_it_cut(tmp_path):
             try:
                 if resp_command(port, "PING") == "PONG":
                     return proc
-            except OSError:
+            except (OSError, RedisServerError):  # not listening yet, or -LOADING the AOF
                 time.sleep(0.05)
         raise AssertionError("redis-start.sh did not bring redis-server up")
 
@@ -235,7 +235,7 @@ def test_redis_start_rewrites_an_aof_whose_torn_tail_it_cut(tmp_path):
     buf = ReplayBuffer.connect(cfg, url=url)
     try:
         assert buf.stats().per_cycle == {0: 100, 2: 50}
-        assert buf.connection.client.hlen(f"{cfg.namespace}:pairs") == 150
+        assert buf.connection.client.hlen(buf.connection.key("pairs")) == 150
         assert_consistent(buf)
     finally:
         buf.close()

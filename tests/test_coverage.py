@@ -132,3 +132,28 @@ def test_markdown_without_skips_and_with_awkward_labels(tmp_path, tokenizer):
     md = coverage_report(ds, tokenizer, 16, 8).to_markdown()
     assert "## Skipped records\n\nNone.\n" in md
     assert "| a\\|b | " in md  # a pipe in a label does not break the table
+
+
+def test_score_margin_filter_is_counted(tmp_path, tokenizer):
+    """Margins 3 - 1 = 2, 0.5 (own column), 1 - 1 = 0, none: with min_score_margin 1, the pairs
+    at 0.5 and 0 are dropped and counted; the unscored one is a bad record (skipped)."""
+    records = [
+        {"prompt": "a", "chosen": "x", "rejected": "y", "score_chosen": 3, "score_rejected": 1},
+        {"prompt": "b", "chosen": "x", "rejected": "y", "margin": 0.5},
+        {"prompt": "c", "chosen": "x", "rejected": "y", "score_chosen": 1, "score_rejected": 1},
+        {"prompt": "d", "chosen": "x", "rejected": "y"},
+        {"prompt": "e", "chosen": "x", "rejected": "y", "score_chosen": 5.5, "score_rejected": 2},
+    ]
+    path = tmp_path / "scored.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = DataConfig(path=str(path), min_score_margin=1, on_bad_record="skip")
+    report = coverage_report(load_preference_dataset(cfg), tokenizer, 16, 8)
+    assert (report.n_pairs, report.scored_pairs, report.below_min_score_margin) == (2, 2, 2)
+    assert (report.min_score_margin, report.skipped) == (1.0, {"missing_field": 1})
+    assert "| below min_score_margin dropped | 2 (margin < 1) |\n" in report.to_markdown()
+    assert "| pairs with scores | 2 (100.0%) |\n" in report.to_markdown()
+    unfiltered = coverage_report(
+        load_preference_dataset(DataConfig(path=str(path))), tokenizer, 16, 8
+    )
+    assert (unfiltered.n_pairs, unfiltered.scored_pairs, unfiltered.below_min_score_margin) == (5, 4, 0)
+    assert "| below min_score_margin dropped | off |\n" in unfiltered.to_markdown()

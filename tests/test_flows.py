@@ -105,6 +105,15 @@ def test_refresh_cycle_runs_and_moves_the_pointer_only_when_promoted(offline_run
     rep = state.result()
     assert rep["index"] == 1 and not rep["skipped"]
     assert rep["judge"]["judge/judgments"] > 0
+    judge, mix = rep["judge"], rep["mix"]
+    assert judge["judge/asked"] == judge["judge/judgments"] + judge["judge/dropped"] > 0
+    assert judge["judge/samples"] == 48 * 4 and judge["judge/position_conflicts"] == 0.0  # a rule has no positions
+    # Every drawn pair was trained on (epochs, not max_steps): fresh + anchor = the draw.
+    assert mix["train/fresh_pairs"] == mix["buffer/fresh_pairs_drawn"] > 0
+    assert mix["train/fresh_pairs"] + mix["train/anchor_pairs"] == 96
+    assert rep["audit"] is None and rep["flags"] == []  # the demo's rule judge: audits off by default
+    lineage = read_lineage(Path(rep["checkpoint"]["path"]))["final_metrics"]
+    assert lineage["judge"] == judge and lineage["mix"] == mix and lineage["flags"] == []
     assert "kl/policy_ref" in rep["kl"]
     assert is_complete(Path(rep["checkpoint"]["path"]))
     after = PolicyRegistry(state_dir, "demo").current_or_none()

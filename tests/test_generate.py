@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from online.config import GenerationConfig, PromptPoolConfig
+from offline.seeds import derive_seed
+from online.config import GenerationConfig, OnlineConfig, PromptPoolConfig
 from online.generate import (
     GenerationError,
     HFGenerator,
@@ -258,7 +259,12 @@ def test_build_hf_generator_from_a_checkpoint_dir(model, tokenizer, tmp_path):
 
 
 class _Completions(BaseHTTPRequestHandler):
-    """Answers POST /completions; behaviour per test is set on the server object."""
+    """Answers POST /completions and /chat/completions; behaviour per test is set on the server.
+
+    Each text is "<prompt>|<seed>|<choice index>" (chat: the user message for the prompt).
+    `short`: answer n - short choices (at least one); `ignore_n`: always one (as `transformers serve`);
+    `refuse_n`: a 400 naming the choices for any n other than 1 (as llama.cpp's server).
+    """
 
     def do_POST(self):  # noqa: N802 (stdlib name)
         srv = self.server
@@ -274,8 +280,18 @@ class _Completions(BaseHTTPRequestHandler):
         if status != 200:
             self._send(status, {"error": "try later"}, {"Retry-After": "0"})
             return
-        n = body["n"] - srv.short
-        choices = [{"index": j, "text": f"{body['prompt']}|{body['seed']}|{j}"} for j in reversed(range(n))]
+        asked = body.get("n", 1)
+        if srv.refuse_n and asked != 1:
+            self._send(400, {"error": {"message": "Only one completion choice is allowed"}})
+            return
+        n = 1 if srv.ignore_n else max(1, asked - srv.short)
+        chat = self.path.endswith("/chat/completions")
+        prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        texts = {j: f"{prompt}|{body['seed']}|{j}" for j in reversed(range(n))}
+        if chat:
+            choices = [{"index": j, "message": {"role": "assistant", "content": t}} for j, t in texts.items()]
+        else:
+            choices = [{"index": j, "text": t} for j, t in texts.items()]
         self._send(200, {"choices": choices})
 
     def _send(self, status, payload, headers=None):
@@ -299,6 +315,7 @@ def server():
     srv.handle_error = lambda request, address: None  # a client that timed out closes early
     srv.lock, srv.requests, srv.statuses = threading.Lock(), [], []
     srv.inflight = srv.max_inflight = srv.short = 0
+    srv.ignore_n = srv.refuse_n = False
     srv.delay = 0.0
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
     thread.start()
@@ -364,9 +381,69 @@ def test_openai_timeout_and_short_reply_are_clear_errors(server):
     gen = build_generator(openai_cfg(server, model="m", max_retries=0, timeout_s=0.1), None, "v")
     with pytest.raises(GenerationError, match="Timeout"):
         gen.generate(PROMPTS[:1], k=2, seed=0)
-    server.delay, server.short = 0.0, 1
-    with pytest.raises(GenerationError, match="asked for n=2 completions, got 1"):
+    server.delay, server.short = 0.0, -1  # one choice too many: a server bug, never silently cut
+    with pytest.raises(GenerationError, match="asked for n=2 completions, got 3"):
         build_generator(openai_cfg(server, model="m"), None, "v").generate(PROMPTS[:1], k=2, seed=0)
+
+
+@pytest.mark.parametrize("how", ["ignore_n", "short", "refuse_n"])
+def test_openai_falls_back_to_single_choice_requests_once_per_server(server, caplog, how):
+    """A server answering fewer than n choices (transformers serve) or refusing n with a 400
+    (llama.cpp) gets k single-choice requests per prompt, each with its own derived seed; the
+    switch is found once per server and logged once, and later generators skip the n=k try."""
+    setattr(server, how, 1 if how == "short" else True)
+    cfg = openai_cfg(server, model="m", concurrency=1)
+    gen = build_generator(cfg, None, "v")
+    with caplog.at_level("WARNING", logger="online.generate"):
+        out = gen.generate(PROMPTS, k=3, seed=11)
+        again = build_generator(cfg, None, "v").generate(PROMPTS, k=3, seed=11)
+    assert again == out and gen.single_choice
+    for i, g in enumerate(out):
+        assert g.responses == tuple(f"{PROMPTS[i][0]}|{derive_seed(11, i, j)}|0" for j in range(3))
+    assert len({r for g in out for r in g.responses}) == 3 * len(PROMPTS)  # distinct seeds, distinct samples
+    warnings = [r.getMessage() for r in caplog.records if "single-choice" in r.getMessage()]
+    assert len(warnings) == 1 and server.url in warnings[0], warnings
+    wanted = {"ignore_n": "answered n=3 with 1 choice", "short": "answered n=3 with 2 choices",
+              "refuse_n": "refused n=3 (HTTP 400: 'Only one completion choice is allowed')"}[how]
+    assert wanted in warnings[0]
+    # concurrency 1: one n=3 try (the first prompt's), then only single requests without `n`.
+    with_n = [b for _, b, _ in server.requests if "n" in b]
+    assert [b["n"] for b in with_n] == [3]
+    assert len(server.requests) == 1 + 2 * 3 * len(PROMPTS)
+
+
+def test_openai_chat_api_sends_the_prompt_as_one_user_message(server):
+    cfg = openai_cfg(server, model="m", api="chat", extra_body={"top_k": -1, "repetition_penalty": 1.0})
+    gen = build_generator(cfg, None, "v")
+    out = gen.generate(PROMPTS[:2], k=2, seed=3)
+    assert [g.responses for g in out] == [
+        tuple(f"{p}|{derive_seed(3, i)}|{j}" for j in range(2)) for i, (p, _) in enumerate(PROMPTS[:2])
+    ]
+    path, body, _ = server.requests[0]
+    assert path == "/v1/chat/completions"
+    assert body["messages"] == [{"role": "user", "content": PROMPTS[0][0]}] and "prompt" not in body
+    assert (body["top_k"], body["repetition_penalty"], body["n"]) == (-1, 1.0, 2)
+
+
+def test_openai_token_ids_prompt_sends_the_policy_tokenizers_ids(server, tokenizer):
+    cfg = openai_cfg(server, model="m", token_ids_prompt=True)
+    out = build_generator(cfg, None, "v", tokenizer=tokenizer).generate(PROMPTS[:1], k=2, seed=0)
+    ids = tokenizer(PROMPTS[0][0], add_special_tokens=False)["input_ids"]
+    assert server.requests[0][1]["prompt"] == ids == [WORDS.index(w) for w in PROMPTS[0][0].split()]
+    assert out[0].responses[0].startswith(str(ids))
+    with pytest.raises(ValueError, match="tokenizer"):
+        build_generator(cfg, None, "v")  # no tokenizer, no model_dir to load one from
+
+
+def test_generation_api_settings_are_checked():
+    with pytest.raises(ValidationError, match="token_ids_prompt needs generation.api 'completions'"):
+        GenerationConfig(backend="openai", base_url="http://x/v1", api="chat", token_ids_prompt=True)
+    with pytest.raises(ValidationError, match=r"extra_body may not set \['n', 'seed'\]"):
+        GenerationConfig(backend="openai", base_url="http://x/v1", extra_body={"seed": 1, "n": 2, "top_k": 3})
+    base = {"prompts": {"function": "m:f", "chat_template": True}, "judge": {"kind": "rule", "rule": {"function": "m:f"}}}
+    with pytest.raises(ValidationError, match="templated twice"):
+        OnlineConfig(**base, generation={"backend": "openai", "base_url": "http://x/v1", "api": "chat"})
+    OnlineConfig(**base, generation={"backend": "openai", "base_url": "http://x/v1"})  # completions: fine
 
 
 # The fault-injecting fake OpenAI server (tests/fake_openai_server.py): the generator's retries
@@ -401,6 +478,42 @@ def test_openai_gives_up_on_a_retry_after_over_the_cap_and_on_html_pages():
         assert str(err.value) == (
             f"{fake.base_url}/completions: HTTP 200 reply is not JSON after 3 tries: an HTML page ('upstream hiccup')"
         )
+
+
+@pytest.mark.parametrize("fault, what", [
+    ("wrong_object", "HTTP 200 reply does not have the expected shape after 2 tries: ReplyError: "
+                     "`object` is 'list', expected 'text_completion': is base_url the right server and API?"),
+    ("missing_choices", "ReplyError: no `choices` in the reply (the server says: 'upstream model overloaded')"),
+    ("no_choices", "ReplyError: `choices` is empty"),
+    ("malformed", "HTTP 200 reply is not JSON after 2 tries: an HTML page ('upstream hiccup')"),
+    ("truncated", "HTTP 200 reply is not JSON after 2 tries: '{\"id\": \"cmpl-1\", \"object\""),
+    ("html_502", "HTTP 502 after 2 tries: an HTML page ('502 Bad Gateway')"),
+])
+def test_openai_bad_replies_name_the_redacted_endpoint_and_what_was_wrong(fault, what):
+    with FakeOpenAIServer() as fake:
+        url = fake.base_url.replace("http://", "http://tether:pw-5ecr3t@")  # basic auth in the URL
+        cfg = GenerationConfig(backend="openai", base_url=url, model="m", retry_backoff_s=0.0, max_retries=1)
+        fake.script(fault, fault)
+        with pytest.raises(GenerationError) as err:
+            build_generator(cfg, None, "v").generate(PROMPTS[:1], k=2, seed=0)
+        message = str(err.value)
+        assert message.startswith(fake.base_url.replace("http://", "http://tether:***@") + "/completions: ")
+        assert what in message and "pw-5ecr3t" not in message, message
+        assert fake.n_requests == 2  # retried once (a proxy hiccup may pass), then given up
+
+
+def test_openai_a_chat_reply_on_the_completions_endpoint_is_named():
+    """A proxy routing /completions to a chat model: `object` says so, nothing is taken from it."""
+    reply = {"object": "chat.completion", "choices": [{"index": 0, "message": {"content": "hi"}}]}
+    from online.replies import ReplyError, chat_texts, completion_texts
+
+    with pytest.raises(ReplyError, match="`object` is 'chat.completion', expected 'text_completion'"):
+        completion_texts(reply)
+    assert chat_texts(reply) == ("hi",)
+    with pytest.raises(ReplyError, match="choice 0 has no `text` string"):
+        completion_texts({"choices": [{"index": 0}]})
+    with pytest.raises(ReplyError, match="the body is a JSON list"):
+        completion_texts([])
 
 
 def test_generation_config_checks():

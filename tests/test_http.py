@@ -108,6 +108,7 @@ def test_bodies_are_described_not_dumped():
     assert describe_body("text/html", "<html>upstream hiccup</html>") == "an HTML page ('upstream hiccup')"
     assert describe_body("application/json", '{"error": {"message": "model not found"}}') == "'model not found'"
     assert describe_body("application/json", '{"error": "overloaded"}') == "'overloaded'"
+    assert describe_body("application/json", '{"detail": "prompt must be a string."}') == "'prompt must be a string.'"
     assert describe_body("text/plain", "x" * 500) == repr("x" * 200)
     assert describe_body("application/json", "  ") == "an empty body"
 

@@ -224,3 +224,44 @@ def test_a_lora_config_refuses_a_checkpoint_without_an_adapter(model_dir: Path, 
     ref = save_checkpoint(full.model, full.tokenizer, tmp_path / "ckpts", "offline-0001", {"kind": "offline"})
     with pytest.raises(ValueError, match="has no LoRA adapter"):
         load_policy(ModelConfig(name_or_path=str(model_dir), lora={"r": 4}), tmp_path, "cpu", checkpoint=ref.path)
+
+
+def test_lora_base_dtype_bf16_keeps_the_adapter_fp32_and_keys_the_reference_by_it(model_dir: Path, tmp_path: Path):
+    """model.base_dtype: bfloat16 stores the frozen base (the reference) in bf16 and trains the
+    adapter in fp32; the reference log-prob cache must not mix bf16-base and fp32-base values."""
+    from offline.pairs import PreferencePair
+    from offline.reference import ensure_reference_logps, reference_id_of
+    from offline.tokenize import tokenize_pairs
+    from offline.train import train
+    from offline.config import TrainConfig
+
+    with pytest.raises(ValidationError, match="model.lora is unset"):
+        ModelConfig(name_or_path=str(model_dir), base_dtype="bfloat16")
+    cfg = ModelConfig(name_or_path=str(model_dir), lora={"r": 4}, base_dtype="bfloat16")
+    policy = load_policy(cfg, tmp_path, device="cpu")
+    frozen = {p.dtype for p in policy.model.parameters() if not p.requires_grad}
+    trainable = {p.dtype for p in policy.model.parameters() if p.requires_grad}
+    assert frozen == {torch.bfloat16} and trainable == {torch.float32}
+    assert policy.reference_dtype == torch.bfloat16
+    assert reference_id_of(model_dir, None, torch.bfloat16) != reference_id_of(model_dir, None)
+
+    # The adapter-disabled base runs the bf16 weights: its logits are the bf16 copy's, not fp32's.
+    with policy.reference():
+        ref_logits = logits(policy.model)
+    bf16_copy = load_reference(model_dir, "cpu", dtype=torch.bfloat16)
+    assert torch.equal(ref_logits, logits(bf16_copy))
+
+    pairs = [PreferencePair(prompt="1+1=", chosen="2", rejected="3"),
+             PreferencePair(prompt="2+2=", chosen="4", rejected="5")]
+    tok = tokenize_pairs(pairs, policy.tokenizer, 32, 16)
+    cache = tmp_path / "cache"
+    ref = ensure_reference_logps(policy, tok, model_dir, cache, batch_size=2, progress=False)
+    key = reference_id_of(model_dir, None, torch.bfloat16)
+    assert any(key in f.read_text() for f in cache.rglob("*.json"))
+    before = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
+    result = train(policy.model, tok, ref, TrainConfig(batch_size=2, epochs=2, learning_rate=1e-2, warmup_ratio=0.0),
+                   pad_token_id=policy.tokenizer.pad_token_id, progress=False)
+    assert result.steps == 2 and torch.isfinite(torch.tensor(result.history[-1]["loss"]))
+    after = dict(policy.model.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)  # the fp32 adapter trained
+    assert all(after[n].dtype == torch.float32 for n in before)

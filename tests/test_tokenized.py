@@ -327,6 +327,69 @@ def test_coverage_from_the_store_equals_the_report_from_texts(tmp_path, data, bp
     assert from_texts.truncated_pairs > 0 and from_texts.skipped == {"wrong_type": 1}
 
 
+def scored_records(n: int = 60) -> list[dict]:
+    """`records` with scores: margins -2.5 .. 3.5 from either score pair or the margin column;
+    every 9th record has none (skipped as missing_field when min_score_margin is set)."""
+    out = []
+    for i, rec in enumerate(records(n, seed=3)):
+        if i % 9 == 8:
+            pass
+        elif i % 2:
+            rec = {**rec, "margin": (i % 7) - 2.5}
+        else:
+            rec = {**rec, "score_chosen": 5.0 + (i % 5), "score_rejected": 6.0}
+        out.append(rec)
+    return out
+
+
+@pytest.mark.parametrize("min_score_margin", [None, 0.5])
+def test_scores_and_the_margin_filter_through_the_store_cold_and_cached(tmp_path, bpe, min_score_margin):
+    """offline.formats' scores and data.min_score_margin behave through the token store as
+    through the loader: the same pairs kept, the same drops counted, and the cached run (which
+    parses nothing) reports the same coverage, scored pairs and margin drops included."""
+    path = write(tmp_path / "scored.jsonl", scored_records())
+    cfg = DataConfig(path=str(path), on_bad_record="skip", max_length=40, max_prompt_length=24,
+                     heldout_fraction=0.2, min_score_margin=min_score_margin)
+    loader = load_preference_dataset(cfg)
+    from_texts = coverage_report(loader, bpe, cfg.max_length, cfg.max_prompt_length)
+    cold = load_tokenized_dataset(cfg, bpe, tmp_path / "cache")
+    warm = load_tokenized_dataset(cfg, bpe, tmp_path / "cache")
+    memory = load_tokenized_dataset(cfg, bpe)  # no cache: the one-pass path
+    assert not cold.cached and warm.cached
+    for ds in (cold, warm, memory):
+        assert as_tuples(ds.pairs) == expected(loader.pairs, bpe, 40, 24)
+        assert (ds.fingerprint, ds.below_min_score_margin, ds.min_score_margin) == (
+            loader.fingerprint, loader.below_min_score_margin, min_score_margin)
+        assert coverage_of(ds) == from_texts
+        assert coverage_of(ds).to_markdown() == from_texts.to_markdown()
+    assert from_texts.scored_pairs == sum(p.score_margin is not None for p in loader.pairs) > 0
+    if min_score_margin is None:
+        assert from_texts.below_min_score_margin == 0 and from_texts.skipped == {}
+    else:
+        assert from_texts.below_min_score_margin > 0 and from_texts.skipped == {"missing_field": 6}
+        assert from_texts.scored_pairs == len(loader.pairs)
+
+
+def test_score_errors_name_file_line_and_field_through_the_store(tmp_path, bpe):
+    recs = records(5)
+    bad = [{**recs[0], "score_chosen": "high", "score_rejected": 1}, {**recs[1], "score_chosen": 2.0}]
+    for i, rec in enumerate(bad):
+        path = write(tmp_path / f"bad{i}.jsonl", recs[2:] + [rec])
+        cfg = DataConfig(path=str(path), max_length=40, max_prompt_length=24)
+        with pytest.raises(DataError) as loader:
+            load_preference_dataset(cfg)
+        with pytest.raises(DataError) as ours:
+            load_tokenized_dataset(cfg, bpe, tmp_path / "cache")
+        assert str(ours.value) == str(loader.value)
+        assert str(ours.value).startswith(f"{path}:4: field 'score_")
+    path = write(tmp_path / "unscored.jsonl", recs)
+    cfg = DataConfig(path=str(path), max_length=40, max_prompt_length=24, min_score_margin=1.0)
+    with pytest.raises(DataError) as ours:
+        load_tokenized_dataset(cfg, bpe, tmp_path / "cache")
+    assert str(ours.value) == f"{path}:1: field 'score_chosen': missing (data.min_score_margin is set, so every record needs score_chosen/score_rejected or margin)"
+    assert not (tmp_path / "cache").exists() or entries(tmp_path / "cache") == []
+
+
 def test_training_on_the_mapped_store_equals_training_on_tuples(tmp_path, data):
     """Same pairs as the old tuple layout and as the store: the same reference log-probs, and
     a bit-identical loss curve and final weights (CPU, fixed seed)."""
