@@ -24,7 +24,8 @@ Without `cache_dir` the two passes are one and the store lives in memory.
 
 The source record beside an entry keeps what the load dropped and counted (skipped records
 per reason, duplicates, pairs below `data.min_score_margin`, scored pairs), so a cached run's
-coverage report equals the cold run's.
+coverage report equals the cold run's. Two processes building one entry at once do not clash
+(`atomic_dir`): the first to publish wins, the other discards its copy and maps the winner's.
 
 The cache holds no pickle: raw int32, `.npy` (`allow_pickle=False`) and JSON. Entries are never
 evicted: delete `<state_dir>/cache/tokenized/` to reclaim the space.
@@ -170,16 +171,19 @@ def load_tokenized_dataset(
     store = _open_entry(final)
     cached = store is not None
     if store is None:  # pass 2: tokenise into the entry, published whole or not at all
+        damaged = final.exists()  # there but unreadable above: ours replaces it
         try:
-            # a damaged entry (unreadable above) is replaced; a missing one must stay missing
-            # until ours is complete (another writer's finished entry wins, same content)
-            with atomic_dir(final, overwrite=final.exists()) as tmp, open(tmp / TOKENS_FILE, "wb", buffering=0) as fh:
+            # A missing entry stays missing until ours is complete. Another process building
+            # the same entry at the same time is no clash (atomic_dir): whichever publishes
+            # first wins, the other's copy (same content, same key) is discarded and the
+            # winner's entry read instead.
+            with atomic_dir(final, overwrite=damaged) as tmp, open(tmp / TOKENS_FILE, "wb", buffering=0) as fh:
                 builder = StoreBuilder(fh)
                 _tokenize_source(cfg, tokenizer, eos_id, builder, LoadStats(), ids, progress)
                 builder.finish(heldout=np.fromiter((c in held for c in ids), dtype=bool, count=len(ids)),
                                directory=tmp)
         except FileExistsError:  # another process published the same entry first: same content
-            pass
+            log.info("tokenized cache entry %s was published by another process meanwhile; using it", entry[:12])
         store = TokenStore.open(final)
     summary = {"fingerprint": fingerprint, "skipped": dict(sorted(stats.skipped.items())),
                "duplicates": stats.duplicates, "data_format": stats.format,

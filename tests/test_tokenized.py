@@ -302,6 +302,65 @@ def test_a_process_killed_mid_write_leaves_no_entry(tmp_path, data, bpe):
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
 
 
+def test_two_processes_building_the_same_entry_at_once_both_succeed(tmp_path, data, bpe):
+    """Two real processes tokenise the same data into one cache at the same moment. Barriers
+    make the clash certain: both are inside `atomic_dir` writing their temp dirs at once (so the
+    later one's stale-dir sweep finds the other's live temp dir), then both reach the publishing
+    rename together. Each must end with the same complete store; one entry, no temp dir left."""
+    cache, sync = tmp_path / "cache", tmp_path / "sync"
+    sync.mkdir()
+    bpe.save_pretrained(tmp_path / "tok")
+    child = textwrap.dedent(f"""
+        import json, os, sys, time
+        from pathlib import Path
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+        from transformers import AutoTokenizer
+        import offline.checkpoint as ck
+        import offline.token_store as ts
+        import offline.tokenized as t
+        from offline.config import DataConfig
+        sync = Path({str(sync)!r})
+
+        def barrier(name):
+            (sync / f"{{name}}-{{os.getpid()}}").touch()
+            deadline = time.monotonic() + 120
+            while len(list(sync.glob(f"{{name}}-*"))) < 2:
+                if time.monotonic() > deadline:
+                    sys.exit(f"barrier {{name}}: the other process never came")
+                time.sleep(0.01)
+
+        real_finish, real_fsync = ts.StoreBuilder.finish, ck.fsync_tree
+        def finish(self, *a, **k):
+            if k.get("directory") is not None:
+                barrier("writing")  # both temp dirs exist and are being written
+            return real_finish(self, *a, **k)
+        def fsync_tree(path):
+            barrier("publishing")  # both about to rename into the one entry
+            return real_fsync(path)
+        ts.StoreBuilder.finish, ck.fsync_tree = finish, fsync_tree
+        t.BATCH_PAIRS = 7
+        cfg = DataConfig.model_validate_json({data.model_dump_json()!r})
+        ds = t.load_tokenized_dataset(cfg, AutoTokenizer.from_pretrained({str(tmp_path / "tok")!r}), {str(cache)!r})
+        print(json.dumps([[p.pair_id, p.category, p.prompt_ids, p.chosen_ids, p.rejected_ids, p.truncated]
+                          for p in ds.pairs]))
+    """)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    procs = [subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (_, err) in zip(procs, outs):
+        assert proc.returncode == 0, err[-3000:]
+    assert len(list(sync.glob("publishing-*"))) == 2  # the clash did happen: both reached the rename
+    want = [list(map(list, t[2:5])) for t in expected(load_preference_dataset(data).pairs, bpe, 40, 24)]
+    for out, _ in outs:
+        got = json.loads(out.splitlines()[-1])
+        assert [g[2:5] for g in got] == want
+    (entry,) = entries(cache)
+    assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []
+    again = load_tokenized_dataset(data, bpe, cache)
+    assert again.cached and as_tuples(again.pairs) == expected(load_preference_dataset(data).pairs, bpe, 40, 24)
+
+
 def test_a_damaged_entry_is_rebuilt_not_trusted(tmp_path, data, bpe):
     cache = tmp_path / "cache"
     load_tokenized_dataset(data, bpe, cache)
