@@ -21,6 +21,8 @@ Contract:
   (collate, reference log-probs, training) hold only the batch they work on; `lengths()`,
   `n_tokens()` and `pair_ids()` answer for all rows with array operations. Views of the same
   store concatenate without copying (`train + heldout`).
+- `write_store(pairs, directory)` writes any pairs (a view: array-wise) as a store of their
+  own; a launched job's ranks map the one its run directory holds (`offline.launch`).
 """
 
 from __future__ import annotations
@@ -239,6 +241,37 @@ class TokenizedPairs(Sequence[TokenizedPair]):
         """The rows' categories, without building the pairs."""
         names = self.store.category_names
         return [names[c] if c >= 0 else None for c in self.store.categories[self.rows].tolist()]
+
+
+def write_store(pairs: Sequence[TokenizedPair], directory: Path, batch_pairs: int = 4096) -> TokenStore:
+    """Write `pairs` as a store at `directory` (published whole by `offline.checkpoint.atomic_dir`)
+    and map it back. A `TokenizedPairs` view is copied array-wise from its store (raw lengths
+    and all); other pairs are copied tuple by tuple, with their kept lengths standing in for the
+    raw ones (which a tuple does not carry). Held-out flags are all False: a written set of pairs
+    is one side. This is how a launched job's ranks share one set of pairs through the page
+    cache instead of each holding its own copy (offline.launch)."""
+    from offline.checkpoint import atomic_dir  # light module; imported here to keep this one leaf
+
+    directory = Path(directory)
+    with atomic_dir(directory) as tmp, open(tmp / TOKENS_FILE, "wb", buffering=0) as fh:
+        builder = StoreBuilder(fh)
+        for start in range(0, len(pairs), batch_pairs):
+            part = pairs[start : start + batch_pairs]
+            if isinstance(part, TokenizedPairs):
+                store, rows = part.store, part.rows
+                spans = store.offsets[3 * rows], store.offsets[3 * rows + 3]
+                tokens = (np.concatenate([store.tokens[a:b] for a, b in zip(*spans)]) if len(rows)
+                          else np.zeros(0, np.int32))
+                builder.append(tokens, part.lengths(), store.raw_lengths[rows], store.truncated[rows],
+                               part.pair_ids(), part.categories())
+            else:
+                segments = [s for p in part for s in (p.prompt_ids, p.chosen_ids, p.rejected_ids)]
+                lengths = np.array([len(s) for s in segments], dtype=np.int64).reshape(-1, 3)
+                tokens = np.fromiter((t for s in segments for t in s), dtype=np.int32, count=int(lengths.sum()))
+                builder.append(tokens, lengths, lengths, [p.truncated for p in part],
+                               [p.pair_id for p in part], [p.category for p in part])
+        builder.finish(directory=tmp)
+    return TokenStore.open(directory)
 
 
 def pair_lengths(pairs: Sequence[TokenizedPair]) -> np.ndarray:

@@ -157,6 +157,20 @@ def test_token_store_sequence_view(data, bpe):
 # ---------------------------------------------------------------- the cache key and hits
 
 
+def test_write_store_copies_a_view_or_tuples_into_a_mapped_store_of_their_own(tmp_path, data, bpe):
+    from offline.token_store import write_store
+
+    ds = load_tokenized_dataset(data, bpe, tmp_path / "cache")
+    view = ds.heldout + ds.train[3:11]  # rows out of store order
+    copied = TokenizedPairs(write_store(view, tmp_path / "view"))
+    assert isinstance(copied.store.tokens, np.memmap) and as_tuples(copied) == as_tuples(view)
+    assert (copied.store.raw_lengths == ds.store.raw_lengths[view.rows]).all()  # kept from the view
+    tuples = TokenizedPairs(write_store(list(view), tmp_path / "tuples"))
+    assert as_tuples(tuples) == as_tuples(view) and (tuples.lengths() == view.lengths()).all()
+    with pytest.raises(FileExistsError):  # published once, never overwritten
+        write_store(list(view), tmp_path / "tuples")
+
+
 def test_second_load_hits_the_cache_without_parsing_or_tokenizing(tmp_path, data, bpe, monkeypatch):
     first = load_tokenized_dataset(data, bpe, tmp_path / "cache")
 
