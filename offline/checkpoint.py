@@ -27,6 +27,8 @@ import copy
 import ctypes
 import ctypes.util
 import datetime as dt
+import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -137,10 +139,72 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
+def _rename_noreplace(src: Path, dst: Path) -> bool:
+    """Rename `src` to `dst` unless `dst` exists, as one step; False (nothing renamed) if it does.
+
+    Linux renameat2(RENAME_NOREPLACE) decides in the kernel; elsewhere a plain rename, which
+    fails with EEXIST / ENOTEMPTY onto a non-empty directory (every published one has files)."""
+    libc_name = ctypes.util.find_library("c")
+    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    if renameat2 is not None:
+        at_fdcwd, rename_noreplace = -100, 1
+        if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
+            return True
+        err = ctypes.get_errno()
+        if err == errno.EEXIST:
+            return False
+        if err not in (errno.EINVAL, errno.ENOSYS):  # EINVAL/ENOSYS: this filesystem lacks the flag
+            raise OSError(err, os.strerror(err), str(src), None, str(dst))
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            return False
+        raise
+    return True
+
+
 def _clear_stale(final: Path) -> None:
-    """Remove temp dirs a crashed writer of `final` left behind (same parent, same name)."""
+    """Remove temp dirs a crashed writer of `final` left behind (same parent, same name).
+
+    A live writer holds an exclusive flock on its temp dir until it is done (`_locked_temp_dir`),
+    and the kernel drops that lock when the writer dies, SIGKILL included. So a temp dir whose
+    lock this process can take is abandoned and removed (under the lock); one whose lock is held
+    belongs to a writer still at work, maybe building the same entry, and is left alone."""
     for stale in final.parent.glob(f".{final.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+        try:
+            fd = os.open(stale, os.O_RDONLY)
+        except OSError:
+            continue  # already gone (its writer finished or another cleaner took it)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # held: a live writer's
+        else:
+            shutil.rmtree(stale, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _locked_temp_dir(final: Path) -> tuple[Path, int]:
+    """A new empty temp dir beside `final` and an fd holding its exclusive flock.
+
+    Between its mkdir and its lock a cleaner may have taken the dir for abandoned and removed
+    it: the lock then comes on a deleted inode, which the stat check sees, and we make another."""
+    while True:
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            fd = os.open(tmp, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while a cleaner is removing it
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                return tmp, fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -152,17 +216,21 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
     `final` is left as it was. With `overwrite`, an existing `final` is swapped out atomically
     and then deleted; without it, an existing `final` is a FileExistsError (raised after the
     body ran, in case another writer won the race).
+
+    Concurrent writers of one `final` (two processes building the same cache entry) do not
+    clash: each writes its own locked temp dir, which no other writer's stale-dir sweep removes
+    while it lives, and the publishing rename refuses to replace (RENAME_NOREPLACE), so exactly
+    one wins and every loser gets FileExistsError with its temp dir removed, never a half entry.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     _clear_stale(final)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp, lock = _locked_temp_dir(final)
     try:
         yield tmp
         fsync_tree(tmp)  # a power cut must not publish a directory whose files are holes
-        if not final.exists():
-            os.rename(tmp, final)  # atomic on POSIX within one filesystem
+        if _rename_noreplace(tmp, final):
+            pass  # atomic on POSIX within one filesystem
         elif not overwrite:
             raise FileExistsError(f"{final} already exists (pass overwrite=True to replace it)")
         elif _exchange(tmp, final):
@@ -175,6 +243,7 @@ def atomic_dir(final: Path, overwrite: bool = False) -> Iterator[Path]:
         fsync_dir(final.parent)  # make the rename itself durable
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(lock)
 
 
 # ---------------------------------------------------------------------------------------------

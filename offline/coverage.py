@@ -5,8 +5,10 @@ JSON-serialisable `CoverageReport`: pair counts per split and per category, what
 load (duplicates, identical chosen/rejected, skipped records per reason, pairs below
 `data.min_score_margin`), token-length
 percentiles of prompts and responses, and how many pairs the shared truncation rule
-(`offline.tokenize.truncate`) would cut at the given limits. `.to_markdown()` renders it for
-humans (a Prefect artifact). Pure apart from running the tokenizer.
+(`offline.tokenize.kept_lengths`) would cut at the given limits. `.to_markdown()` renders it for
+humans (a Prefect artifact). Pure apart from running the tokenizer. `coverage_of(tokenized)` is
+the same report of an `offline.tokenized.TokenizedDataset`, from the raw lengths its store
+keeps (no tokenizer call: the offline flow tokenises once, cached, and reports from that).
 
 Token lengths are raw counts of each text (no special tokens, no EOS, before truncation), with
 prompt and responses tokenised separately exactly as `offline.tokenize.tokenize_pairs` does.
@@ -16,13 +18,16 @@ under `UNCATEGORISED`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 from offline.data import PreferenceDataset
-from offline.tokenize import truncate
+from offline.tokenize import BATCH_PAIRS, kept_lengths, token_lengths
+
+if TYPE_CHECKING:
+    from offline.tokenized import TokenizedDataset
 
 UNCATEGORISED = "(none)"
 
@@ -191,7 +196,7 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("`", "'").replace("\n", " ")
 
 
-def _length_stats(lengths: list[int]) -> LengthStats:
+def _length_stats(lengths: np.ndarray) -> LengthStats:
     a = np.asarray(lengths, dtype=np.float64)  # (N,)
     p50, p90, p99 = np.percentile(a, [50, 90, 99])
     return LengthStats(
@@ -208,56 +213,79 @@ def coverage_report(
             f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length})"
         )
     pairs = dataset.pairs
-    texts = [t for p in pairs for t in (p.prompt, p.chosen, p.rejected)]
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    # Only lengths matter for the truncation figures, so a tokenizer without EOS still works.
-    eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    prompt_lens, chosen_lens, rejected_lens = [], [], []
-    truncated = prompt_cut = response_cut = 0
-    for i in range(len(pairs)):
-        p_ids, c_ids, r_ids = ids[3 * i], ids[3 * i + 1], ids[3 * i + 2]
-        prompt_lens.append(len(p_ids))
-        chosen_lens.append(len(c_ids))
-        rejected_lens.append(len(r_ids))
-        limits = (eos_id, max_length, max_prompt_length)
-        kept_prompt, kept_chosen, cut_c = truncate(p_ids, c_ids, *limits)
-        _, kept_rejected, cut_r = truncate(p_ids, r_ids, *limits)
-        truncated += cut_c or cut_r
-        prompt_cut += len(kept_prompt) < len(p_ids)
-        # +1: the rule appends EOS, which counts as the response's last token.
-        response_cut += len(kept_chosen) < len(c_ids) + 1 or len(kept_rejected) < len(r_ids) + 1
+    # Only lengths matter, so a tokenizer without EOS still works.
+    raw = np.zeros((len(pairs), 3), dtype=np.int64)  # (N, 3) prompt, chosen, rejected
+    for start in range(0, len(pairs), BATCH_PAIRS):
+        batch = pairs[start : start + BATCH_PAIRS]
+        _, lengths = token_lengths(tokenizer, [t for p in batch for t in (p.prompt, p.chosen, p.rejected)])
+        raw[start : start + len(batch)] = lengths.reshape(-1, 3)
+    sides = [(p.category, 0) for p in dataset.train] + [(p.category, 1) for p in dataset.heldout]
+    return _report(
+        raw, sides, max_length, max_prompt_length,
+        source=dataset.source, format=dataset.format, fingerprint=dataset.fingerprint,
+        duplicates=dataset.duplicates, skipped=dict(dataset.skipped),
+        tokenizer=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        min_score_margin=dataset.min_score_margin,
+        below_min_score_margin=dataset.below_min_score_margin,
+        scored_pairs=sum(p.score_margin is not None for p in pairs),
+    )
 
+
+def coverage_of(dataset: TokenizedDataset) -> CoverageReport:
+    """The same report for a tokenised dataset, from the raw lengths its store keeps: no texts
+    and no tokenizer call (equal to `coverage_report` on the same data, tested)."""
+    pairs = dataset.pairs
+    raw = np.asarray(pairs.store.raw_lengths, dtype=np.int64)[pairs.rows]  # (N, 3), train first
+    sides = list(zip(pairs.categories(), [0] * len(dataset.train) + [1] * len(dataset.heldout)))
+    return _report(
+        raw, sides, dataset.max_length, dataset.max_prompt_length,
+        source=dataset.source, format=dataset.format, fingerprint=dataset.fingerprint,
+        duplicates=dataset.duplicates, skipped=dict(dataset.skipped), tokenizer=dataset.tokenizer,
+        min_score_margin=dataset.min_score_margin, below_min_score_margin=dataset.below_min_score_margin,
+        scored_pairs=dataset.scored_pairs,
+    )
+
+
+def _report(
+    raw: np.ndarray, sides: list[tuple[str | None, int]], max_length: int, max_prompt_length: int,
+    *, source: str, format: str, fingerprint: str, duplicates: int, skipped: dict[str, int], tokenizer: str,
+    min_score_margin: float | None, below_min_score_margin: int, scored_pairs: int,
+) -> CoverageReport:
+    """The report from raw token lengths `(N, 3)` (train first) and each pair's (category, side)."""
+    p_len, c_len, r_len = raw[:, 0], raw[:, 1], raw[:, 2]
+    kept = kept_lengths(p_len, c_len, r_len, max_length, max_prompt_length)
     per_category: dict[str, list[int]] = {}
-    for side, part in ((0, dataset.train), (1, dataset.heldout)):
-        for p in part:
-            per_category.setdefault(p.category or UNCATEGORISED, [0, 0])[side] += 1
+    for category, side in sides:
+        per_category.setdefault(category or UNCATEGORISED, [0, 0])[side] += 1
     categories = [
         CategoryCount(category=name, train=train, heldout=heldout)
         for name, (train, heldout) in sorted(
             per_category.items(), key=lambda kv: (-sum(kv[1]), kv[0])
         )
     ]
+    n_train = sum(side == 0 for _, side in sides)
+    truncated = int(np.count_nonzero(kept.truncated))
     return CoverageReport(
-        source=dataset.source,
-        format=dataset.format,
-        fingerprint=dataset.fingerprint,
-        n_train=len(dataset.train),
-        n_heldout=len(dataset.heldout),
-        duplicates=dataset.duplicates,
-        identical_responses=dataset.skipped.get("identical_responses", 0),
-        min_score_margin=dataset.min_score_margin,
-        below_min_score_margin=dataset.below_min_score_margin,
-        scored_pairs=sum(p.score_margin is not None for p in pairs),
-        skipped=dict(dataset.skipped),
+        source=source,
+        format=format,
+        fingerprint=fingerprint,
+        n_train=n_train,
+        n_heldout=len(sides) - n_train,
+        duplicates=duplicates,
+        identical_responses=skipped.get("identical_responses", 0),
+        min_score_margin=min_score_margin,
+        below_min_score_margin=below_min_score_margin,
+        scored_pairs=scored_pairs,
+        skipped=skipped,
         categories=categories,
-        tokenizer=getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
-        prompt_tokens=_length_stats(prompt_lens),
-        chosen_tokens=_length_stats(chosen_lens),
-        rejected_tokens=_length_stats(rejected_lens),
+        tokenizer=tokenizer,
+        prompt_tokens=_length_stats(p_len),
+        chosen_tokens=_length_stats(c_len),
+        rejected_tokens=_length_stats(r_len),
         max_length=max_length,
         max_prompt_length=max_prompt_length,
         truncated_pairs=truncated,
-        truncation_rate=truncated / len(pairs) if pairs else 0.0,
-        prompt_truncated=prompt_cut,
-        response_truncated=response_cut,
+        truncation_rate=truncated / len(sides) if sides else 0.0,
+        prompt_truncated=int(np.count_nonzero(kept.prompt_cut)),
+        response_truncated=int(np.count_nonzero(kept.response_cut)),
     )

@@ -29,9 +29,9 @@ import json
 import os
 import zlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from offline.atomic import atomic_open
 from offline.config import HUB_PREFIX, DataConfig
@@ -47,8 +47,9 @@ from offline.formats import (
 from offline.pairs import PreferencePair
 
 __all__ = [
-    "BAD_RECORD_REASONS", "DataError", "LoadedPairs", "PreferenceDataset", "dataset_fingerprint",
-    "load_pairs", "load_preference_dataset", "split_pairs", "write_jsonl",
+    "BAD_RECORD_REASONS", "DataError", "LoadStats", "LoadedPairs", "PreferenceDataset",
+    "dataset_fingerprint", "fingerprint_ids", "heldout_ids", "iter_pairs", "load_pairs",
+    "load_preference_dataset", "split_pairs", "write_jsonl",
 ]
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -88,6 +89,7 @@ class LoadedPairs:
     source: str  # the path as given, or 'hf:<id>[<split>]'
     format: str  # the resolved shape (offline.formats.Format)
     below_min_score_margin: int = 0  # valid pairs dropped by data.min_score_margin
+    content_ids: tuple[str, ...] = ()  # each pair's content_id, computed once at load
 
 
 @dataclass(frozen=True)
@@ -231,28 +233,47 @@ def _check_chat_tokenizer(tokenizer: Any, display: str) -> None:
         )
 
 
-def load_pairs(
-    source: DataConfig | str | os.PathLike, tokenizer: Any = None, **config: Any
-) -> LoadedPairs:
-    """Read, validate, normalise and de-duplicate one source.
+@dataclass
+class LoadStats:
+    """What one pass of `iter_pairs` resolved and dropped; complete once the pass has ended."""
 
-    `source` is a DataConfig, or a path / 'hf:<id>' with DataConfig fields as keywords
-    (`format=`, `on_bad_record=`, `limit=`, ...). `tokenizer` is needed only for
-    conversations (their chat template).
-    """
+    source: str = ""  # the path as given, or 'hf:<id>[<split>]'
+    format: str | None = None  # the resolved shape, set by the first record
+    skipped: Counter[str] = field(default_factory=Counter)  # reason -> records skipped
+    duplicates: int = 0  # records dropped because their content_id was already loaded
+    below_min_score_margin: int = 0  # valid pairs dropped by data.min_score_margin
+    scored: int = 0  # pairs yielded that carry a score margin (coverage: scored_pairs)
+    records: int = 0  # records read (valid or not)
+
+
+def _config(source: DataConfig | str | os.PathLike, config: Mapping[str, Any]) -> DataConfig:
     if isinstance(source, DataConfig):
-        cfg = DataConfig(**{**source.model_dump(), **config}) if config else source
-    else:
-        cfg = DataConfig(path=os.fspath(source), **config)
+        return DataConfig(**{**source.model_dump(), **config}) if config else source
+    return DataConfig(path=os.fspath(source), **config)
+
+
+def iter_pairs(
+    source: DataConfig | str | os.PathLike, tokenizer: Any = None, stats: LoadStats | None = None,
+    **config: Any,
+) -> Iterator[tuple[str, PreferencePair]]:
+    """(content_id, pair) of every valid, distinct record of one source, in file order.
+
+    Streams: it keeps the content ids it has seen, never the pairs, so a large dataset can be
+    tokenised pair batch by pair batch (`offline.tokenized`). Raises exactly what `load_pairs`
+    raises (record errors at the record, file-level ones when the source ends); `stats` is
+    filled as it goes.
+    """
+    cfg = _config(source, config)
+    stats = stats if stats is not None else LoadStats()
+    stats.source = f"{cfg.path}[{cfg.hub_split}]" if cfg.path.startswith(HUB_PREFIX) else cfg.path
     records, unit = _open_records(cfg)
     fmt: str | None = None if cfg.format == "auto" else cfg.format
     normalise: Callable[[dict], PreferencePair] | None = None
-    pairs: dict[str, PreferencePair] = {}  # content_id -> pair, in file order
-    skipped: Counter[str] = Counter()
-    duplicates = n_records = below_margin = 0
+    seen: set[str] = set()  # content ids of the pairs yielded so far
+    skipped = stats.skipped
     id_positions: dict[str, object] = {}  # source id -> where it was first seen
     for position, record in records:
-        n_records += 1
+        stats.records += 1
         try:
             if isinstance(record, BadRecord):
                 raise record
@@ -269,10 +290,11 @@ def load_pairs(
                 if fmt in CONVERSATIONAL:
                     _check_chat_tokenizer(tokenizer, cfg.path)
                 normalise = normaliser(fmt, tokenizer)
+                stats.format = fmt
             pair = normalise(record)
             if pair.source_id is not None and pair.source_id in id_positions:
                 first = id_positions[pair.source_id]
-                if pairs.get(pair.content_id) is None:  # same id, other content (a true duplicate is dropped below)
+                if pair.content_id not in seen:  # same id, other content (a true duplicate is dropped below)
                     raise BadRecord("duplicate_id", "id", f"duplicate id {pair.source_id!r}: already used by a different record at {unit} {first}")
             margin = pair.score_margin
             if cfg.min_score_margin is not None and margin is None:
@@ -289,34 +311,50 @@ def load_pairs(
             skipped[bad.reason] += 1
             continue
         if cfg.min_score_margin is not None and margin < cfg.min_score_margin:
-            below_margin += 1
+            stats.below_min_score_margin += 1
             continue
         content_id = pair.content_id  # a hash: compute once
-        if content_id in pairs:
-            duplicates += 1
+        if content_id in seen:
+            stats.duplicates += 1
             continue
-        pairs[content_id] = pair
+        seen.add(content_id)
+        stats.scored += margin is not None
         if pair.source_id is not None:
             id_positions[pair.source_id] = position
-        if cfg.limit is not None and len(pairs) >= cfg.limit:
+        yield content_id, pair
+        if cfg.limit is not None and len(seen) >= cfg.limit:
             break
-    if n_records == 0:
+    if stats.records == 0:
         raise DataError(cfg.path, "empty_file", "no records: the source is empty")
-    if not pairs:
-        dropped = {**skipped, **({"below_min_score_margin": below_margin} if below_margin else {})}
+    if not seen:
+        dropped = {**skipped, **({"below_min_score_margin": stats.below_min_score_margin}
+                                 if stats.below_min_score_margin else {})}
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(dropped.items()))
         raise DataError(
-            cfg.path, "no_valid_records", f"all {n_records} records were skipped ({counts})"
+            cfg.path, "no_valid_records", f"all {stats.records} records were skipped ({counts})"
         )
-    assert fmt is not None  # set when the first record was normalised
-    source_name = f"{cfg.path}[{cfg.hub_split}]" if cfg.path.startswith(HUB_PREFIX) else cfg.path
+
+
+def load_pairs(
+    source: DataConfig | str | os.PathLike, tokenizer: Any = None, **config: Any
+) -> LoadedPairs:
+    """Read, validate, normalise and de-duplicate one source.
+
+    `source` is a DataConfig, or a path / 'hf:<id>' with DataConfig fields as keywords
+    (`format=`, `on_bad_record=`, `limit=`, ...). `tokenizer` is needed only for
+    conversations (their chat template).
+    """
+    stats = LoadStats()
+    items = list(iter_pairs(_config(source, config), tokenizer, stats))
+    assert stats.format is not None  # set when the first record was normalised
     return LoadedPairs(
-        pairs=tuple(pairs.values()),
-        skipped=dict(sorted(skipped.items())),
-        duplicates=duplicates,
-        source=source_name,
-        format=fmt,
-        below_min_score_margin=below_margin,
+        pairs=tuple(pair for _, pair in items),
+        skipped=dict(sorted(stats.skipped.items())),
+        duplicates=stats.duplicates,
+        source=stats.source,
+        format=stats.format,
+        below_min_score_margin=stats.below_min_score_margin,
+        content_ids=tuple(content_id for content_id, _ in items),
     )
 
 
@@ -326,10 +364,8 @@ def _split_key(content_id: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def split_pairs(
-    pairs: Sequence[PreferencePair], heldout_fraction: float, seed: int
-) -> tuple[tuple[PreferencePair, ...], tuple[PreferencePair, ...]]:
-    """(train, heldout), each in input order; a pair is held out iff its key < heldout_fraction.
+def heldout_ids(content_ids: Sequence[str], heldout_fraction: float, seed: int) -> set[str]:
+    """The content ids on the held-out side: those whose key < heldout_fraction.
 
     The key depends only on the pair's content and the seed, so a pair's side does not change
     when records are reordered or added. With at least two distinct pairs, neither side is left
@@ -337,37 +373,56 @@ def split_pairs(
     """
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    keys = {cid: _split_key(cid, seed) for cid in content_ids}
+    heldout = {cid for cid, key in keys.items() if key < heldout_fraction}
+    if len(keys) >= 2 and not heldout:
+        heldout = {min(keys, key=lambda cid: (keys[cid], cid))}
+    if len(keys) >= 2 and len(heldout) == len(keys):
+        heldout.discard(max(keys, key=lambda cid: (keys[cid], cid)))
+    return heldout
+
+
+def split_pairs(
+    pairs: Sequence[PreferencePair], heldout_fraction: float, seed: int
+) -> tuple[tuple[PreferencePair, ...], tuple[PreferencePair, ...]]:
+    """(train, heldout), each in input order; a pair is held out iff its key < heldout_fraction
+    (`heldout_ids`: order-independent, stable as a dataset grows, neither side left empty)."""
     ids = [p.content_id for p in pairs]  # computed once: content_id hashes on every access
-    keys = {cid: _split_key(cid, seed) for cid in ids}
-    heldout_ids = {cid for cid, key in keys.items() if key < heldout_fraction}
-    if len(keys) >= 2 and not heldout_ids:
-        heldout_ids = {min(keys, key=lambda cid: (keys[cid], cid))}
-    if len(keys) >= 2 and len(heldout_ids) == len(keys):
-        heldout_ids.discard(max(keys, key=lambda cid: (keys[cid], cid)))
-    train = tuple(p for p, cid in zip(pairs, ids) if cid not in heldout_ids)
-    heldout = tuple(p for p, cid in zip(pairs, ids) if cid in heldout_ids)
-    return train, heldout
+    heldout = heldout_ids(ids, heldout_fraction, seed)
+    train = tuple(p for p, cid in zip(pairs, ids) if cid not in heldout)
+    held = tuple(p for p, cid in zip(pairs, ids) if cid in heldout)
+    return train, held
+
+
+def fingerprint_ids(train_ids: Iterable[str], heldout_ids: Iterable[str], format: str) -> str:
+    """sha256 (64 hex) of the resolved format and each content id with its side, in order."""
+    digest = hashlib.sha256(f"tether-dataset-v1\nformat {format}\n".encode())
+    for side, ids in (("train", train_ids), ("heldout", heldout_ids)):
+        for cid in ids:
+            digest.update(f"{side} {cid}\n".encode())
+    return digest.hexdigest()
 
 
 def dataset_fingerprint(
     train: Sequence[PreferencePair], heldout: Sequence[PreferencePair], format: str
 ) -> str:
     """sha256 (64 hex) of the resolved format and each pair's content id and side, in order."""
-    digest = hashlib.sha256(f"tether-dataset-v1\nformat {format}\n".encode())
-    for side, part in (("train", train), ("heldout", heldout)):
-        for pair in part:
-            digest.update(f"{side} {pair.content_id}\n".encode())
-    return digest.hexdigest()
+    return fingerprint_ids((p.content_id for p in train), (p.content_id for p in heldout), format)
 
 
 def load_preference_dataset(cfg: DataConfig, tokenizer: Any = None) -> PreferenceDataset:
     """Load, validate, de-duplicate and split the configured dataset (tokenizer: chat data only)."""
     loaded = load_pairs(cfg, tokenizer)
-    train, heldout = split_pairs(loaded.pairs, cfg.heldout_fraction, cfg.split_seed)
+    ids = loaded.content_ids  # hashed once at load, reused by the split and the fingerprint
+    held = heldout_ids(ids, cfg.heldout_fraction, cfg.split_seed)
+    train = tuple(p for p, c in zip(loaded.pairs, ids) if c not in held)
+    heldout = tuple(p for p, c in zip(loaded.pairs, ids) if c in held)
     return PreferenceDataset(
         train=train,
         heldout=heldout,
-        fingerprint=dataset_fingerprint(train, heldout, loaded.format),
+        fingerprint=fingerprint_ids(
+            (c for c in ids if c not in held), (c for c in ids if c in held), loaded.format
+        ),
         skipped=loaded.skipped,
         duplicates=loaded.duplicates,
         source=loaded.source,

@@ -12,8 +12,9 @@ is restored afterwards. Reference log-probs come from offline/reference.py like 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Mapping
+from typing import Mapping, Sequence
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
@@ -27,6 +28,7 @@ from offline.logps import (
     supports_shared_prompt,
 )
 from offline.reference import check_reference_logps
+from offline.token_store import pair_lengths
 from offline.tokenize import TokenizedPair
 
 UNCATEGORIZED = "uncategorized"
@@ -54,7 +56,7 @@ class EvalResult(CategoryEval):
 
 def evaluate_preferences(
     policy: nn.Module,
-    tokenized: list[TokenizedPair],
+    tokenized: Sequence[TokenizedPair],
     reference_logps: Mapping[str, tuple[float, float]],
     beta: float,
     *,
@@ -69,7 +71,8 @@ def evaluate_preferences(
     check_reference_logps(reference_logps, tokenized)
     device = next(policy.parameters()).device
     share_prompt = supports_shared_prompt(policy)
-    order = sorted(range(len(tokenized)), key=lambda i: tokenized[i].n_tokens)
+    n = pair_lengths(tokenized)  # (N, 3), read from the store without building pairs
+    order = np.argsort(2 * n[:, 0] + n[:, 1] + n[:, 2], kind="stable").tolist()  # by n_tokens
     margins = torch.empty(len(tokenized), dtype=torch.float64)  # (N,) in input order
     was_training = policy.training
     policy.eval()

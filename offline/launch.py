@@ -18,7 +18,8 @@ launcher expects mpirun.)
 The run directory (this process writes the inputs before the launch; compact, no pickle):
 
     spec.json               WorkerSpec: mode, what to load, the train config, ...
-    pairs.safetensors       token ids, flat int32 + offsets; pairs.json: ids, categories
+    pairs/                  the pairs as a token store (offline.token_store: tokens.bin flat
+                            int32 + offsets and per-pair .npy arrays), memory-mapped by the ranks
     reference.safetensors   (P, 2) float64 reference log-probs in pairs order (train mode)
     initial.safetensors     LoRA: the policy's adapter weights to start from
     out/                    rank 0 only: result.json + weights.safetensors (train), or
@@ -52,6 +53,7 @@ from pydantic import BaseModel, ConfigDict
 
 from offline.atomic import atomic_path, atomic_write_json
 from offline.config import ModelConfig, TrainConfig
+from offline.token_store import TokenizedPairs, TokenStore, pair_ids, write_store
 from offline.tokenize import TokenizedPair
 
 if TYPE_CHECKING:
@@ -174,36 +176,19 @@ def launch_env(base: Mapping[str, str], num_processes: int, on_cuda: bool, cpu_c
 # Inputs and outputs in the run directory (safetensors + JSON)
 
 
+PAIRS_DIR = "pairs"
+"""The run directory's token store (offline.token_store): what every rank maps read-only."""
+
+
 def write_pairs(run_dir: Path, pairs: Sequence[TokenizedPair]) -> None:
-    """Token ids as three flat int32 tensors with offsets; ids and categories as JSON."""
-    import torch
-    from safetensors.torch import save_file
-
-    tensors: dict[str, torch.Tensor] = {}
-    for part in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        seqs = [getattr(p, part) for p in pairs]
-        lengths = torch.tensor([0] + [len(s) for s in seqs], dtype=torch.int64)
-        tensors[part] = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
-        tensors[f"{part}.offsets"] = torch.cumsum(lengths, 0)
-    save_file(tensors, run_dir / "pairs.safetensors")
-    atomic_write_json(run_dir / "pairs.json", [[p.pair_id, p.category, p.truncated] for p in pairs])
+    """The pairs as a token store (flat int32 ids + offsets, `.npy` metadata, no pickle) under
+    `run_dir/pairs/`: the ranks memory-map it, so N ranks share one copy in the page cache."""
+    write_store(pairs, run_dir / PAIRS_DIR)
 
 
-def read_pairs(run_dir: Path) -> list[TokenizedPair]:
-    """The pairs `write_pairs` wrote, equal to the originals."""
-    from safetensors.torch import load_file
-
-    t = load_file(run_dir / "pairs.safetensors")
-    meta = json.loads((run_dir / "pairs.json").read_text())
-    parts = {}
-    for part in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        flat, off = t[part].tolist(), t[f"{part}.offsets"].tolist()
-        parts[part] = [tuple(flat[off[i] : off[i + 1]]) for i in range(len(meta))]
-    return [
-        TokenizedPair(pair_id=pid, category=cat, prompt_ids=parts["prompt_ids"][i],
-                      chosen_ids=parts["chosen_ids"][i], rejected_ids=parts["rejected_ids"][i], truncated=trunc)
-        for i, (pid, cat, trunc) in enumerate(meta)
-    ]
+def read_pairs(run_dir: Path) -> TokenizedPairs:
+    """The pairs `write_pairs` wrote, equal to the originals, memory-mapped (a view, not a list)."""
+    return TokenizedPairs(TokenStore.open(run_dir / PAIRS_DIR))
 
 
 def write_logps(path: Path, pairs: Sequence[TokenizedPair], values: Mapping[str, tuple[float, float]]) -> None:
@@ -211,7 +196,7 @@ def write_logps(path: Path, pairs: Sequence[TokenizedPair], values: Mapping[str,
     import torch
     from safetensors.torch import save_file
 
-    table = torch.tensor([values[p.pair_id] for p in pairs], dtype=torch.float64).reshape(len(pairs), 2)
+    table = torch.tensor([values[pid] for pid in pair_ids(pairs)], dtype=torch.float64).reshape(len(pairs), 2)
     with atomic_path(path) as tmp:
         save_file({"logps": table}, tmp)
 
@@ -222,7 +207,7 @@ def read_logps(path: Path, pairs: Sequence[TokenizedPair]) -> dict[str, tuple[fl
     rows = load_file(path)["logps"].tolist()
     if len(rows) != len(pairs):
         raise ValueError(f"{path}: {len(rows)} rows of log-probs for {len(pairs)} pairs")
-    return {p.pair_id: (c, r) for p, (c, r) in zip(pairs, rows)}
+    return {pid: (c, r) for pid, (c, r) in zip(pair_ids(pairs), rows)}
 
 
 def trainable(model) -> list[tuple[str, Any]]:
@@ -428,7 +413,7 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 def launch_training(
     policy: LoadedPolicy,
-    pairs: list[TokenizedPair],
+    pairs: Sequence[TokenizedPair],
     reference_logps: Mapping[str, tuple[float, float]],
     cfg: TrainConfig,
     resume_dir: Path | None,

@@ -1,6 +1,6 @@
 """The offline baseline as plain functions, one per pipeline step.
 
-load + validate -> coverage -> tokenise -> reference log-probs -> train -> evaluate -> save.
+load + validate + tokenise (cached) -> coverage -> reference log-probs -> train -> evaluate -> save.
 `orchestrator/flows.py` wraps each step in a Prefect task; tests and benchmarks call these
 directly, so every step runs (and is measured) without Prefect. Online cycles reuse
 `train_policy` and `save_policy` unchanged; reference log-probs have one home for both phases,
@@ -12,29 +12,22 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from offline.checkpoint import CheckpointRef, code_version, save_checkpoint
-from offline.coverage import CoverageReport, coverage_report
-from offline.data import PreferenceDataset, load_preference_dataset
+from offline.coverage import CoverageReport, coverage_of
+from offline.data import PreferenceDataset
 from offline.config import DataConfig, ModelConfig, TrainConfig
 from offline.evaluate import EvalResult, evaluate_preferences
 from offline.models import LoadedPolicy, load_policy
-from offline.tokenize import TokenizedPair, tokenize_pairs
+from offline.tokenize import TokenizedPair
+from offline.tokenized import TokenizedDataset, load_tokenized_dataset
+from offline.tokenized import tokenize_dataset as _tokenize_loaded
 from offline.train import TrainResult, train
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TokenizedDataset:
-    """The dataset's two splits as token ids, with the fingerprint they came from."""
-
-    train: list[TokenizedPair]
-    heldout: list[TokenizedPair]
-    fingerprint: str
 
 
 def resolve_data(cfg: DataConfig, state_dir: Path) -> DataConfig:
@@ -46,33 +39,35 @@ def resolve_data(cfg: DataConfig, state_dir: Path) -> DataConfig:
     return cfg
 
 
-def load_and_validate(cfg: DataConfig, tokenizer) -> PreferenceDataset:
-    """Load, validate and split the static dataset (errors name file, line and field)."""
-    dataset = load_preference_dataset(cfg, tokenizer=tokenizer)
+def load_and_validate(
+    cfg: DataConfig, tokenizer, cache_dir: Path | None = None, progress: bool = False
+) -> TokenizedDataset:
+    """Load, validate, split, fingerprint and tokenise the static dataset (errors name file,
+    line and field). With `cache_dir` the token ids are stored there, memory-mapped, and the
+    next run of the same data, tokenizer and limits reads them back instead (offline.tokenized)."""
+    dataset = load_tokenized_dataset(cfg, tokenizer, cache_dir, progress)
     log.info(
-        "loaded %d train / %d held-out pairs from %s (fingerprint %s)",
+        "loaded %d train / %d held-out pairs from %s (fingerprint %s, %s, %.1f MB of token ids)",
         len(dataset.train), len(dataset.heldout), dataset.source, dataset.fingerprint[:12],
+        "from the cache" if dataset.cached else "tokenized", dataset.token_bytes / 1e6,
     )
     return dataset
 
 
-def build_coverage(dataset: PreferenceDataset, tokenizer, cfg: DataConfig) -> CoverageReport:
-    """What the static data covers: counts, categories, lengths, duplicates, truncation."""
-    return coverage_report(dataset, tokenizer, cfg.max_length, cfg.max_prompt_length)
+def build_coverage(dataset: TokenizedDataset) -> CoverageReport:
+    """What the static data covers: counts, categories, lengths, duplicates, truncation (from
+    the stored lengths: no second tokenizer pass)."""
+    return coverage_of(dataset)
 
 
 def tokenize_dataset(dataset: PreferenceDataset, tokenizer, cfg: DataConfig) -> TokenizedDataset:
-    """Token ids for both splits under the one truncation rule."""
-    return TokenizedDataset(
-        train=tokenize_pairs(dataset.train, tokenizer, cfg.max_length, cfg.max_prompt_length),
-        heldout=tokenize_pairs(dataset.heldout, tokenizer, cfg.max_length, cfg.max_prompt_length),
-        fingerprint=dataset.fingerprint,
-    )
+    """Token ids for both splits of an already loaded dataset, in memory (no cache)."""
+    return _tokenize_loaded(dataset, tokenizer, cfg.max_length, cfg.max_prompt_length)
 
 
 def train_policy(
     policy: LoadedPolicy,
-    pairs: list[TokenizedPair],
+    pairs: Sequence[TokenizedPair],
     reference_logps: Mapping[str, tuple[float, float]],
     cfg: TrainConfig,
     resume_dir: Path | None,
@@ -109,7 +104,7 @@ class Evaluation:
 
 def evaluate_policy(
     policy: LoadedPolicy,
-    heldout: list[TokenizedPair],
+    heldout: Sequence[TokenizedPair],
     reference_logps: Mapping[str, tuple[float, float]],
     beta: float,
     batch_size: int,

@@ -58,6 +58,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -81,6 +82,7 @@ from offline.reference import (
     reference_context_for,
     token_digest,
 )
+from offline.token_store import pair_lengths
 from offline.tokenize import TokenizedPair
 
 # Length grouping sorts within windows of this many micro-batches (as HF's LengthGroupedSampler):
@@ -141,11 +143,8 @@ def plan_steps(
     longer response.
     """
     shared = cfg.share_prompt if share_prompt is None else share_prompt
-    lengths = [
-        len(p.prompt_ids) + (len(p.chosen_ids) + len(p.rejected_ids) if shared
-                             else max(len(p.chosen_ids), len(p.rejected_ids)))
-        for p in pairs
-    ]
+    n = pair_lengths(pairs)  # (N, 3) prompt, chosen, rejected: array reads, no pair is built
+    lengths = (n[:, 0] + (n[:, 1] + n[:, 2] if shared else np.maximum(n[:, 1], n[:, 2]))).tolist()
     per_step = cfg.grad_accum_steps * num_processes
     steps: list[list[list[int]]] = []
     for epoch in range(cfg.epochs):
@@ -200,7 +199,7 @@ def _optimizer(
 
 def train(
     policy: nn.Module,
-    tokenized_train: list[TokenizedPair],
+    tokenized_train: Sequence[TokenizedPair],
     reference_logps: Mapping[str, tuple[float, float]] | None,
     cfg: TrainConfig,
     *,

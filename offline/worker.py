@@ -137,6 +137,7 @@ def _reference(run_dir: Path, spec) -> dict[str, Any]:
     from offline.launch import read_pairs
     from offline.models import load_policy
     from offline.reference import ReferenceLogpCache, compute_reference_logps, rank_shard, reference_model
+    from offline.token_store import pair_ids
 
     accelerator = _accelerator(spec)
     rank, n = accelerator.process_index, accelerator.num_processes
@@ -149,7 +150,7 @@ def _reference(run_dir: Path, spec) -> dict[str, Any]:
             model, shard, "launched", ReferenceLogpCache(None), spec.batch_size, progress=False,
             pad_token_id=spec.pad_token_id, reference_context=context, autocast_dtype=_dtype(spec.autocast_dtype),
         )
-    index = {p.pair_id: i for i, p in enumerate(pairs)}
+    index = {pid: i for i, pid in enumerate(pair_ids(pairs))}
     table = torch.zeros(len(pairs), 3, dtype=torch.float64, device=accelerator.device)  # chosen, rejected, count
     for pair_id, (chosen, rejected) in values.items():
         table[index[pair_id]] = torch.tensor([chosen, rejected, 1.0], dtype=torch.float64)

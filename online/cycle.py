@@ -37,7 +37,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -202,7 +202,7 @@ def judge_metrics(stats: JudgeStats, generations: list[Generation]) -> dict[str,
 class TrainingSet:
     """The mixed pairs as token ids, with pi_0's log-probs for each."""
 
-    pairs: list[TokenizedPair]
+    pairs: Sequence[TokenizedPair]  # an in-memory token store (offline.token_store)
     reference_logps: Mapping[str, tuple[float, float]]
 
 

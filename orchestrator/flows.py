@@ -1,10 +1,10 @@
 """Prefect flows: each reads like the pipeline sentence, each step a task over a plain function.
 
-`offline_baseline`: load + validate -> coverage report -> reference log-probs -> train ->
-evaluate -> checkpoint (-> promote as the current policy). Every step is a function in
-`offline.pipeline`; the tasks here only add names, logs and artifacts so the run is legible in
-the Prefect UI. Tasks take live models, so result caching is off (`NO_CACHE`): hashing a model
-would cost more than the step.
+`offline_baseline`: load + validate + tokenise (token ids cached) -> coverage report ->
+reference log-probs -> train -> evaluate -> checkpoint (-> promote as the current policy). Every
+step is a function in `offline.pipeline`; the tasks here only add names, logs and artifacts so
+the run is legible in the Prefect UI. Tasks take live models, so result caching is off
+(`NO_CACHE`): hashing a model would cost more than the step.
 
 Call `orchestrator.runtime.configure_prefect()` before importing this module.
 """
@@ -29,6 +29,7 @@ from prefect.utilities.annotations import opaque
 
 from offline import pipeline
 from offline.reference import ensure_reference_logps
+from offline.tokenized import cache_dir_of
 from offline.registry import PolicyRegistry
 from online.anchor import resolve_static_data
 from orchestrator.artifacts import audit_markdown, config_markdown, markdown_table, metrics_rows, sparkline
@@ -96,7 +97,6 @@ static_data_task = _task("static-dataset")(resolve_static_data)
 load_policy_task = _task("load-policy")(pipeline.load_initial_policy)
 load_data_task = _task("load-and-validate")(pipeline.load_and_validate)
 coverage_task = _task("coverage-report")(pipeline.build_coverage)
-tokenize_task = _task("tokenize")(pipeline.tokenize_dataset)
 reference_task = _task("reference-logps")(ensure_reference_logps)
 train_task = _task("train")(pipeline.train_policy)
 evaluate_task = _task("evaluate")(pipeline.evaluate_policy)
@@ -132,23 +132,23 @@ def run_offline(cfg: TetherConfig, progress: bool = True, tracker: RunTracker | 
 
     data_cfg = static_data_task(cfg)
     policy = load_policy_task(cfg.model, state)
-    dataset = load_data_task(data_cfg, policy.tokenizer)
-    coverage = coverage_task(dataset, policy.tokenizer, data_cfg)
+    # load + validate + tokenise, streamed; the token ids are cached (memory-mapped) for the next run
+    dataset = load_data_task(data_cfg, policy.tokenizer, cache_dir_of(state), progress)
+    coverage = coverage_task(dataset)
     create_markdown_artifact(
         coverage.to_markdown(), key="coverage-report",
         description=f"Coverage of {dataset.source} ({dataset.fingerprint[:12]})",
     )
-    toks = tokenize_task(dataset, policy.tokenizer, data_cfg)
 
     cache_dir = state / "cache" / "reference-logps"
-    ref = reference_task(policy, toks.train + toks.heldout, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress,
+    ref = reference_task(policy, dataset.pairs, policy.model_dir, cache_dir, cfg.train.reference_batch_size, progress,
                          num_processes=cfg.train.num_processes, accelerate_config=cfg.train.accelerate_config)
-    before = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
+    before = evaluate_task(policy, dataset.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
 
     resume_dir = state / "resume" / f"offline-{dataset.fingerprint[:8]}-{config_key(resolved)}"
     tracker.log(eval_metrics("eval", before), step=0)
-    result = train_task(policy, toks.train, ref, cfg.train, resume_dir, tracker.log_train_step, progress)
-    after = evaluate_task(policy, toks.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
+    result = train_task(policy, dataset.train, ref, cfg.train, resume_dir, tracker.log_train_step, progress)
+    after = evaluate_task(policy, dataset.heldout, ref, cfg.train.loss.beta, cfg.train.reference_batch_size)
     tracker.log(eval_metrics("eval", after), step=result.steps)
 
     metrics: dict[str, Any] = {

@@ -302,6 +302,39 @@ def test_bad_records_of_the_new_shapes(tmp_path, tok, records, bad, field, reaso
 # ---------------------------------------------------------------- whitespace (every shape)
 
 
+def test_the_whitespace_check_equals_its_definition_on_fuzzed_pairs():
+    """The prefix short-cut in `_differ_only_in_whitespace` decides exactly as removing all
+    whitespace from both whole strings does (near-misses around the 64-character window)."""
+    import random
+
+    from offline.formats import _differ_only_in_whitespace
+
+    rng = random.Random(0)
+    spaces = [" ", "\n", "\t", "\u3000", "\xa0", "  \n "]
+
+    def variant(text: str) -> str:  # the same text with whitespace added, removed or moved
+        out = []
+        for ch in text:
+            if ch.isspace() and rng.random() < 0.5:
+                continue
+            out.append(ch)
+            if rng.random() < 0.1:
+                out.append(rng.choice(spaces))
+        return "".join(out)
+
+    checked = same = 0
+    for _ in range(3000):
+        base = "".join(rng.choice("ab c\n") for _ in range(rng.randint(0, 150)))
+        other = variant(base)
+        if rng.random() < 0.5:  # change one character somewhere (often past the window)
+            at = rng.randrange(len(other) + 1)
+            other = other[:at] + rng.choice("abz ") + other[at:]
+        want = "".join(base.split()) == "".join(other.split())
+        assert _differ_only_in_whitespace(base, other) == want, (base, other)
+        checked, same = checked + 1, same + want
+    assert 0 < same < checked  # both outcomes were exercised
+
+
 def test_whitespace_only_fields_are_empty_and_whitespace_differences_are_no_preference(tmp_path):
     cases = [
         ({"prompt": " \n\t", "chosen": "a", "rejected": "b"}, "prompt", "empty_field"),

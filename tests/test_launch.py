@@ -33,6 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from offline.config import TrainConfig
@@ -71,17 +72,22 @@ def pairs_of(n: int) -> list[TokenizedPair]:
 def test_pairs_and_log_probs_round_trip_through_the_run_dir(tmp_path: Path) -> None:
     pairs = pairs_of(23) + [TokenizedPair("empty-prompt", None, (), (1,), (2,), False)]
     write_pairs(tmp_path, pairs)
-    assert read_pairs(tmp_path) == pairs
+    mapped = read_pairs(tmp_path)
+    assert isinstance(mapped.store.tokens, np.memmap)  # the ranks map one file, none holds a copy
+    assert list(mapped) == pairs
     values = {p.pair_id: (-1.0 / (i + 3), -2.5 - i * 1e-7) for i, p in enumerate(pairs)}
     write_logps(tmp_path / "ref.safetensors", pairs, values)
     assert read_logps(tmp_path / "ref.safetensors", pairs) == values  # float64: exact
-    assert not list(tmp_path.glob("*.pkl")) and {p.suffix for p in tmp_path.iterdir()} <= {".json", ".safetensors"}
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} <= {".json", ".safetensors", ".npy", ".bin"}  # no pickle
 
 
-def test_reference_shards_are_whole_batches_disjoint_and_cover() -> None:
+def test_reference_shards_are_whole_batches_disjoint_and_cover(tmp_path: Path) -> None:
     pairs = pairs_of(37)
     batch = 4
     shards = [rank_shard(pairs, batch, r, 3) for r in range(3)]
+    write_pairs(tmp_path, pairs)  # what a rank shards: a view of the mapped store, same rows
+    assert [list(rank_shard(read_pairs(tmp_path), batch, r, 3)) for r in range(3)] == shards
     ids = [p.pair_id for s in shards for p in s]
     assert sorted(ids) == sorted(p.pair_id for p in pairs) and len(ids) == len(set(ids))
     one_process = sorted(pairs, key=lambda p: p.n_tokens)
@@ -216,7 +222,7 @@ def demo(tmp_path_factory):
     cfg = load_config(CONFIG, {"state_dir": str(state), "data": {"limit": 200}})
     policy = pipeline.load_initial_policy(cfg.model, state)
     data_cfg = pipeline.resolve_data(cfg.data, state)
-    toks = pipeline.tokenize_dataset(pipeline.load_and_validate(data_cfg, policy.tokenizer), policy.tokenizer, data_cfg)
+    toks = pipeline.load_and_validate(data_cfg, policy.tokenizer)
     pairs = toks.train[:128]
     ref = ensure_reference_logps(policy, pairs, policy.model_dir, None, 16, progress=False)
     train_cfg = cfg.train.model_copy(update={"batch_size": 16, "epochs": 1, "max_steps": 4, "save_every": 2})

@@ -18,7 +18,7 @@ from _prefect_server import ROOT, api_post, eventually, prefect_server, run_teth
 pytestmark = pytest.mark.slow
 
 CONFIG = str(ROOT / "configs" / "demo.yaml")
-OFFLINE_TASKS = {"load-policy", "load-and-validate", "coverage-report", "tokenize", "reference-logps", "train", "evaluate", "save-checkpoint"}
+OFFLINE_TASKS = {"load-policy", "load-and-validate", "coverage-report", "reference-logps", "train", "evaluate", "save-checkpoint"}
 
 
 @pytest.fixture
