@@ -292,6 +292,8 @@ def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
 
 def cycle_markdown(report: "CycleReport") -> str:
     """One cycle's metrics and decision, as markdown."""
+    from online.audit import conflict_text
+
     nan = float("nan")
     cats = sorted(k for k in {**report.before, **report.after} if k != "mean")
     rows = [{"category": c, "reward before": report.before.get(c, nan), "reward after": report.after.get(c, nan),
@@ -312,7 +314,7 @@ def cycle_markdown(report: "CycleReport") -> str:
         f"Controller: {report.controller_reason}",
         *(f"**Flag:** {f}" for f in report.flags),
         ("Judge audit: " + report.audit.judge + ", agreement with human labels " + report.audit.agreement.text()
-         + ", position conflicts " + report.audit.position_conflict.text() + " (artifact `judge-audit`)")
+         + ", position conflicts " + conflict_text(report.audit) + " (artifact `judge-audit`)")
         if report.audit else "Judge audit: off for this judge (online.judge.audit.enabled).",
         "## Reward per category (held-out prompts)",
         markdown_table(rows),
