@@ -4,12 +4,14 @@
 label) and a word-level tokenizer over `WORDS` in the `save_pretrained` layout that
 `online.judge_local.RewardModelJudge` loads.
 
-- `direction=+1.0` (the "marker" model): reward = +c when the text's last token is GOOD, -c
-  when it is meh, 0 for any other last token (c > 0). Built, not trained: attention's output
-  projection and the MLP's down projection are zeroed, so the residual stream at each position
-  is that token's embedding; RMSNorm rescales it without changing its sign; the score head reads
-  embedding component 0, which is +1 for GOOD, -1 for meh and 0 for every other token. A judge
-  with it agrees with humans who chose the "... GOOD" reply over the "... meh" one on every pair.
+- `direction=+1.0` (the "marker" model): reward > 0 when the text's last token is GOOD, < 0
+  when it is meh, rising with the digit when it is a digit (below GOOD, above meh), 0 for any
+  other last token. Built, not trained: attention's output projection and the MLP's down
+  projection are zeroed, so the residual stream at each position is that token's embedding;
+  RMSNorm rescales it without changing its sign; the score head reads embedding component 0,
+  which is +1 for GOOD, -1 for meh, (d - 4.5) / 10 for digit d and 0 for every other token. A
+  judge with it agrees with humans who chose the "... GOOD" reply over the "... meh" one on
+  every pair, and still ranks a policy's digit replies (so a cycle gets labels).
 - `direction=-1.0`: the same model with the score head negated: it disagrees on every pair.
 - `direction=None`: random weights (seeded): scores that depend on the whole text in no
   designed way, for checking the audit's counts against scores computed independently.
@@ -46,6 +48,8 @@ def save_reward_model(path: Path, direction: float | None = 1.0, seed: int = 0) 
             emb[:, 0] = 0.0
             emb[WORDS.index("GOOD"), 0] = 1.0
             emb[WORDS.index("meh"), 0] = -1.0
+            for d in range(10):
+                emb[WORDS.index(str(d)), 0] = (d - 4.5) / 10
             model.score.weight.zero_()  # (1, H)
             model.score.weight[0, 0] = direction
     path.mkdir(parents=True, exist_ok=True)
