@@ -293,6 +293,10 @@ class JudgeAuditFailed(RuntimeError):
         self.audit, self.failures = audit, failures
         super().__init__(failure_message(audit, failures))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds an exception from its message alone, which this __init__ refuses.
+        return type(self), (self.audit, self.failures)
+
 
 def failure_message(audit: JudgeAudit, failures: list[AuditFailure]) -> str:
     """What failed, by how much, and the ways out."""
