@@ -479,6 +479,11 @@ def run_audit(cfg: AuditInputs, *, tokenizer: Any = None, refresh: bool = False,
             f"{dataset.source}: no held-out pair with two distinct replies to audit the judge on; "
             "raise data.heldout_fraction"
         )
+    if len(pairs) < n:
+        # Thresholds apply to point estimates: on a handful of pairs they pass or fail by luck.
+        log.warning("judge audit: only %d of the %d pairs asked for (%s.pairs): the held-out split has no more "
+                    "judgeable pairs; raise data.heldout_fraction (or data.limit) for a sharper audit",
+                    len(pairs), n, SETTING)
     judge = judge if judge is not None else build_judge(judge_cfg)
     t0 = time.perf_counter()
     judgments, stats = judge_pairs(judge, pairs)

@@ -370,3 +370,14 @@ def test_a_reward_model_saved_again_under_the_same_path_is_audited_again(tmp_pat
     again = run_audit(cfg)
     assert again.key != first.key and again.identity["files"] != first.identity["files"]
     assert (first.agreement.k, again.agreement.k) == (PAIRS, 0)
+
+
+def test_an_audit_on_fewer_pairs_than_asked_for_says_so(tmp_path, dataset, caplog):
+    from _reward_models import save_reward_model
+
+    cfg = load_config(None, rm_overrides(tmp_path, dataset, save_reward_model(tmp_path / "rm", 1.0), pairs=100))
+    with caplog.at_level(logging.WARNING, logger="online.audit"):
+        audit = run_audit(cfg)
+    assert audit.counts.requested == 30  # 60 pairs, held-out fraction 0.5
+    assert "only 30 of the 100 pairs asked for (online.judge.audit.pairs)" in caplog.text
+    assert "raise data.heldout_fraction" in caplog.text
