@@ -6,7 +6,7 @@ the judge about `judge.audit.pairs` held-out pairs of the static dataset, where 
 preference is known (`chosen`), and measures before any cycle labels with it.
 
 Contract:
-- Figures, each a `Rate` with its 95% Wilson interval (`wilson_interval`, pure):
+- Figures, each a `Rate` with its 95% Wilson interval (`online.stats.wilson_interval`, the one home):
   * agreement with the human label, of the pairs the judge decided (`agreement`; undefined when
     it decided none) and of all it answered (`agreement_all`, a tie counting as no agreement);
   * position-conflict rate: both orders named the same letter. LLM judges only: a reward-model
@@ -48,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -65,35 +64,15 @@ from offline.secrets import redact
 from offline.seeds import derive_seed
 from online.config import JudgeAuditConfig, JudgeConfig, OnlineConfig
 from online.judge_prompt import TEMPLATE_VERSION
+from online.stats import wilson_interval
 from online.types import Generation, Judgment, JudgeStats
 
 log = logging.getLogger(__name__)
-
-Z95 = 1.959963984540054
-"""The standard normal's 97.5% quantile: a two-sided 95% interval."""
 
 AUDIT_DIR = "judge-audits"
 
 
 # -- statistics (pure) ---------------------------------------------------------------------------
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (Wilson 1927; Agresti & Coull 1998, eq. 2).
-
-    centre = (p + z^2/2n) / (1 + z^2/n), half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
-    Unlike the normal interval it stays inside [0, 1] and is not empty at k = 0 or k = n, which
-    is where a judge with position bias sits. n = 0 gives (0, 1): nothing is known.
-    """
-    if n < 0 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
-    p, z2 = k / n, z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 class Rate(BaseModel):
