@@ -6,12 +6,14 @@ the judge about `judge.audit.pairs` held-out pairs of the static dataset, where 
 preference is known (`chosen`), and measures before any cycle labels with it.
 
 Contract:
-- Figures, each a `Rate` with its 95% Wilson interval (`wilson_interval`, pure):
+- Figures, each a `Rate` with its 95% Wilson interval (`online.stats.wilson_interval`, the one home):
   * agreement with the human label, of the pairs the judge decided (`agreement`; undefined when
     it decided none) and of all it answered (`agreement_all`, a tie counting as no agreement);
-  * position-conflict rate: both orders named the same letter (LLM judges; a scalar judge
-    scores each reply alone and cannot have one);
-  * tie rate (explicit ties and a margin too small; position conflicts not included);
+  * position-conflict rate: both orders named the same letter. LLM judges only: a reward-model
+    or rule judge scores each reply alone, so order cannot sway it; its `position_conflict` is
+    None and every table shows "n/a" (never a silent 0), and no threshold applies to it;
+  * tie rate (explicit ties, or for a scalar judge a reward margin <= 0 or < `min_margin`;
+    position conflicts not included);
   * unparseable rate; and failed requests as a count (they say nothing about the judge);
   * calls and USD per 1,000 pairs asked, USD per 1,000 labels.
   "Answered" pairs = decided + ties + position conflicts + unparseable (the rates' denominator).
@@ -21,14 +23,19 @@ Contract:
   `JudgeAuditFailed` with the figure, its value, the threshold and the override; with
   `enforce: false` it logs the same text as a warning instead.
 - The judge is asked through the same `Judge` it labels cycles with (`build_judge`), so the
-  LLM judge's both-orders rule, retries, budget and reward-hacking guards all apply.
+  LLM judge's both-orders rule, retries, budget and reward-hacking guards all apply. A scalar
+  judge (reward model, rule) is asked once per pair, with no order: it agrees when
+  reward(prompt + chosen) - reward(prompt + rejected) > 0 and >= its `min_margin`, disagrees
+  when the same holds the other way round, and ties otherwise (equal scores, small margin).
 - Pairs: a seeded sample (`derive_seed(seed, "judge-audit")`) of the held-out split's pairs with
   two distinct non-empty replies (`load_preference_dataset`: the split the offline phase never
   trains on).
 - Cache: one JSON per audit under `<state_dir>/judge-audits/<key>.json`, written with
   `offline.atomic.atomic_write_json`. The key hashes the judge's identity (kind; model or rule
   or reward-model path; the endpoint with any password masked; the template version; the
-  sampling temperature), the dataset fingerprint, the number of pairs and the seed. Thresholds
+  sampling temperature; for a reward model, a stamp of its files' names, sizes and mtimes, so
+  weights saved again under the same path are audited again), the dataset fingerprint, the
+  number of pairs and the seed. Thresholds
   are not in the key: a cached audit is re-checked against the thresholds of the run.
   `refresh=True` measures again (after fixing a judge behind the same endpoint and name).
 - `run_audit(cfg)` is the runner (`cfg`: anything with `model`, `data`, `online`, `state_dir`,
@@ -41,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import Sequence
@@ -58,35 +64,15 @@ from offline.secrets import redact
 from offline.seeds import derive_seed
 from online.config import JudgeAuditConfig, JudgeConfig, OnlineConfig
 from online.judge_prompt import TEMPLATE_VERSION
+from online.stats import wilson_interval
 from online.types import Generation, Judgment, JudgeStats
 
 log = logging.getLogger(__name__)
-
-Z95 = 1.959963984540054
-"""The standard normal's 97.5% quantile: a two-sided 95% interval."""
 
 AUDIT_DIR = "judge-audits"
 
 
 # -- statistics (pure) ---------------------------------------------------------------------------
-
-
-def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a proportion k/n (Wilson 1927; Agresti & Coull 1998, eq. 2).
-
-    centre = (p + z^2/2n) / (1 + z^2/n), half = z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n).
-    Unlike the normal interval it stays inside [0, 1] and is not empty at k = 0 or k = n, which
-    is where a judge with position bias sits. n = 0 gives (0, 1): nothing is known.
-    """
-    if n < 0 or not 0 <= k <= n:
-        raise ValueError(f"need 0 <= k <= n, got k={k}, n={n}")
-    if n == 0:
-        return 0.0, 1.0
-    p, z2 = k / n, z * z
-    denom = 1.0 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 class Rate(BaseModel):
@@ -182,7 +168,9 @@ class JudgeAudit(BaseModel):
     """Agreement with the human label, of the pairs the judge decided."""
     agreement_all: Rate
     """Agreement with the human label, of all pairs answered (a tie is no agreement)."""
-    position_conflict: Rate
+    position_conflict: Rate | None
+    """Both orders named the same letter; None for a judge that scores each reply alone (reward
+    model, rule): order cannot sway it, so the figure does not apply (shown as "n/a")."""
     tie: Rate
     unparseable: Rate
     calls: int
@@ -199,7 +187,7 @@ class JudgeAudit(BaseModel):
         out: dict[str, Any] = {"judge_audit/key": self.key, "judge_audit/pairs": self.counts.answered}
         for name in ("agreement", "agreement_all", "position_conflict", "tie", "unparseable"):
             r = getattr(self, name)
-            if r.value is not None:
+            if r is not None and r.value is not None:
                 out[f"judge_audit/{name}"] = r.value
         if self.cost_per_1k_labels is not None:
             out["judge_audit/cost_per_1k_labels"] = self.cost_per_1k_labels
@@ -208,15 +196,17 @@ class JudgeAudit(BaseModel):
 
 def summarise(
     counts: AuditCounts, stats: JudgeStats, *, key: str, judge: str, identity: dict[str, Any],
-    fingerprint: str, source: str, seed: int, seconds: float, created_at: float,
+    fingerprint: str, source: str, seed: int, seconds: float, created_at: float, pairwise: bool = True,
 ) -> JudgeAudit:
-    """The audit's figures from its counts and the judge's stats (pure)."""
+    """The audit's figures from its counts and the judge's stats (pure). `pairwise`: the judge
+    compares two replies shown in an order (LLM); False for one that scores each reply alone,
+    which has no position-conflict rate."""
     n = counts.answered
     return JudgeAudit(
         key=key, judge=judge, identity=identity, dataset_fingerprint=fingerprint, dataset_source=source,
         seed=seed, counts=counts,
         agreement=rate(counts.agree, counts.decisive), agreement_all=rate(counts.agree, n),
-        position_conflict=rate(counts.position_conflicts, n), tie=rate(counts.ties, n),
+        position_conflict=rate(counts.position_conflicts, n) if pairwise else None, tie=rate(counts.ties, n),
         unparseable=rate(counts.unparseable, n),
         calls=stats.calls, cost_usd=stats.cost_usd,
         calls_per_1k_pairs=per_1k(stats.calls, stats.asked), cost_per_1k_pairs=per_1k(stats.cost_usd, stats.asked),
@@ -242,6 +232,13 @@ class AuditFailure:
         return f"{self.figure} {self.value} {self.threshold}"
 
 
+def conflict_text(audit: JudgeAudit) -> str:
+    """The position-conflict rate as text, or why there is none (a judge that scores replies alone)."""
+    if audit.position_conflict is None:
+        return "n/a (scores each reply alone)"
+    return audit.position_conflict.text()
+
+
 def audit_failures(audit: JudgeAudit, cfg: JudgeAuditConfig) -> list[AuditFailure]:
     """Every figure that rules the judge out under `cfg` (empty: it may label)."""
     c = audit.counts
@@ -252,13 +249,14 @@ def audit_failures(audit: JudgeAudit, cfg: JudgeAuditConfig) -> list[AuditFailur
     if audit.agreement.value is None:
         out.append(AuditFailure(
             "agreement with human labels", f"undefined: the judge produced no usable label ({c.ties} ties, "
-            f"{c.position_conflicts} position conflicts, {c.unparseable} unparseable of {c.answered})",
+            + (f"{c.position_conflicts} position conflicts, " if audit.position_conflict is not None else "")
+            + f"{c.unparseable} unparseable of {c.answered})",
             f"(needs >= {cfg.min_agreement:g}, {SETTING}.min_agreement)",
         ))
     elif audit.agreement.value < cfg.min_agreement:
         out.append(AuditFailure("agreement with human labels", audit.agreement.text(),
                                 f"< {SETTING}.min_agreement {cfg.min_agreement:g}"))
-    if (audit.position_conflict.value or 0.0) > cfg.max_position_conflict:
+    if audit.position_conflict is not None and (audit.position_conflict.value or 0.0) > cfg.max_position_conflict:
         out.append(AuditFailure("position-conflict rate", audit.position_conflict.text(),
                                 f"> {SETTING}.max_position_conflict {cfg.max_position_conflict:g}"))
     if (audit.unparseable.value or 0.0) > cfg.max_unparseable:
@@ -273,6 +271,10 @@ class JudgeAuditFailed(RuntimeError):
     def __init__(self, audit: JudgeAudit, failures: list[AuditFailure]) -> None:
         self.audit, self.failures = audit, failures
         super().__init__(failure_message(audit, failures))
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The default rebuilds an exception from its message alone, which this __init__ refuses.
+        return type(self), (self.audit, self.failures)
 
 
 def failure_message(audit: JudgeAudit, failures: list[AuditFailure]) -> str:
@@ -315,7 +317,9 @@ def audit_rows(audit: JudgeAudit, cfg: JudgeAuditConfig) -> list[dict[str, str]]
             a.value is not None and a.value >= cfg.min_agreement),
         row("agreement with human labels (all answered)", audit.agreement_all),
         row("position-conflict rate", pc, f"<= {cfg.max_position_conflict:g}",
-            (pc.value or 0.0) <= cfg.max_position_conflict),
+            (pc.value or 0.0) <= cfg.max_position_conflict) if pc is not None else
+        {"figure": "position-conflict rate", "value": "n/a", "k/n": "", "95% CI": "",
+         "threshold": "not applicable: scores each reply alone, in no order", "ok": ""},
         row("tie rate", audit.tie),
         row("unparseable rate", un, f"<= {cfg.max_unparseable:g}", (un.value or 0.0) <= cfg.max_unparseable),
         {"figure": "failed requests / refused by budget", "value": f"{c.errors} / {c.not_asked}", "k/n": "",
@@ -341,8 +345,24 @@ def audit_identity(judge_cfg: JudgeConfig) -> dict[str, Any]:
         assert judge_cfg.rule is not None
         return {"kind": "rule", "function": judge_cfg.rule.function, "min_margin": judge_cfg.rule.min_margin}
     assert judge_cfg.reward_model is not None
-    return {"kind": "reward_model", "path": str(Path(judge_cfg.reward_model.path).expanduser().resolve()),
+    path = Path(judge_cfg.reward_model.path).expanduser().resolve()
+    return {"kind": "reward_model", "path": str(path), "files": files_stamp(path),
             "min_margin": judge_cfg.reward_model.min_margin}
+
+
+def files_stamp(directory: Path) -> str:
+    """A short hash of the names, sizes and mtimes of the files under `directory` (a reward
+    model's weights, config and tokenizer): weights saved again under the same path make a new
+    audit key, where hashing the contents would read gigabytes for each cycle. A copy with new
+    mtimes is audited again too, which only costs time. "missing" when the path is not a dir
+    (building the judge then fails with the loader's own error)."""
+    if not directory.is_dir():
+        return "missing"
+    h = hashlib.sha256()
+    for f in sorted(p for p in directory.rglob("*") if p.is_file()):
+        st = f.stat()
+        h.update(f"{f.relative_to(directory).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
 
 
 def audit_key(identity: dict[str, Any], fingerprint: str, pairs: int, seed: int) -> str:
@@ -438,17 +458,22 @@ def run_audit(cfg: AuditInputs, *, tokenizer: Any = None, refresh: bool = False,
             f"{dataset.source}: no held-out pair with two distinct replies to audit the judge on; "
             "raise data.heldout_fraction"
         )
+    if len(pairs) < n:
+        # Thresholds apply to point estimates: on a handful of pairs they pass or fail by luck.
+        log.warning("judge audit: only %d of the %d pairs asked for (%s.pairs): the held-out split has no more "
+                    "judgeable pairs; raise data.heldout_fraction (or data.limit) for a sharper audit",
+                    len(pairs), n, SETTING)
     judge = judge if judge is not None else build_judge(judge_cfg)
     t0 = time.perf_counter()
     judgments, stats = judge_pairs(judge, pairs)
     audit = summarise(
         count_outcomes(pairs, judgments, stats), stats, key=key, judge=judge.name, identity=identity,
         fingerprint=dataset.fingerprint, source=redact(dataset.source), seed=seed,
-        seconds=time.perf_counter() - t0, created_at=time.time(),
+        seconds=time.perf_counter() - t0, created_at=time.time(), pairwise=judge_cfg.kind == "llm",
     )
     atomic_write_json(path, audit.model_dump(mode="json"), indent=2)
     log.info("judge audit %s of %s: agreement %s, position conflicts %s", key, audit.judge,
-             audit.agreement.text(), audit.position_conflict.text())
+             audit.agreement.text(), conflict_text(audit))
     return audit
 
 

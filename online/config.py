@@ -240,15 +240,18 @@ class JudgeAuditConfig(Section):
     """Audit before a cycle labels with this judge (None: yes for llm judges, no for rule and
     reward-model judges, which `tether judge audit` can still audit on request)."""
     pairs: int = Field(default=64, gt=0, le=100_000)
-    """Held-out pairs of the static dataset the judge is asked about (both orders each)."""
+    """Held-out pairs of the static dataset the judge is asked about (an LLM judge in both
+    orders; a reward model or rule scores each reply once)."""
     min_agreement: float = Field(default=0.6, ge=0.0, le=1.0)
     """Least agreement with the human label, over the pairs the judge decided, to label with it."""
     max_position_conflict: float = Field(default=0.4, ge=0.0, le=1.0)
-    """Most pairs (share of those answered) where both orders named the same letter."""
+    """Most pairs (share of those answered) where both orders named the same letter (LLM judges;
+    not applicable to reward-model and rule judges, which score each reply alone)."""
     max_unparseable: float = Field(default=0.5, ge=0.0, le=1.0)
     """Most pairs (share of those answered) with a verdict that could not be read."""
     enforce: bool = True
-    """Refuse to run a cycle with a judge below these thresholds (false: warn, and label anyway)."""
+    """Refuse to run a cycle (and `tether demo` / `tether report` to score with the judge) when it
+    is below these thresholds (false: warn, and label anyway)."""
 
     def active(self, kind: str) -> bool:
         """Whether a cycle audits a judge of this kind."""

@@ -58,7 +58,10 @@ def audit_markdown(audit: Any, cfg: Any) -> str:
         f"# Judge audit: `{audit.judge}`",
         f"Verdict: **{verdict}**.",
         f"{audit.counts.requested} held-out pairs of `{audit.dataset_source}` (fingerprint "
-        f"`{audit.dataset_fingerprint[:12]}`), each asked in both orders (LLM judges); measured {when} "
+        f"`{audit.dataset_fingerprint[:12]}`), "
+        + ("each asked in both orders" if audit.position_conflict is not None
+           else "each reply scored alone (no order to swap)")
+        + f"; measured {when} "
         f"in {audit.seconds:.1f} s; audit `{audit.key}` (cached under the state dir's judge-audits/).",
         markdown_table(audit_rows(audit, cfg)),
         "Judge identity: `" + json.dumps(audit.identity, sort_keys=True) + "`",

@@ -143,11 +143,15 @@ def print_stages(rows: list[dict[str, Any]], metric: str = "reward") -> None:
         ["gate: n, lower bound vs threshold"] if gate else [])
     for h in heads:
         table.add_column(h, justify="left" if h in ("stage", "promoted") else "right")
+    def num(x: float, spec: str) -> str:  # "-" for a figure not measured (NaN)
+        return format(x, spec) if math.isfinite(x) else "-"
+
     for r in rows:
         kl, se = r["kl/policy_ref"], r.get("kl/stderr", float("nan"))
         n, lower, threshold = (r.get(k, float("nan")) for k in ("gate/n", "gate/lower_bound", "gate/threshold"))
-        table.add_row(r["stage"], f"{r['reward/covered']:.3f}{_pm(r, 'covered')}", f"{r['reward/heldout']:.3f}{_pm(r, 'heldout')}",
-                      f"{kl:.3f}" + (f"±{se:.2f}" if math.isfinite(se) else ""), f"{r['kl_budget']:.3g}",
+        table.add_row(r["stage"], num(r["reward/covered"], ".3f") + _pm(r, "covered"),
+                      num(r["reward/heldout"], ".3f") + _pm(r, "heldout"),
+                      num(kl, ".3f") + (f"±{se:.2f}" if math.isfinite(se) else ""), num(r["kl_budget"], ".3g"),
                       str(r["promoted"]),
                       *([f"n={n:.0f}, {lower:+.3f} vs {threshold:+.3f}" if math.isfinite(n) else "-"] if gate else []))
     console.print(table)
@@ -339,9 +343,13 @@ def report(
     cycles: int = typer.Option(3, help="Online refresh cycles after the offline baseline."),
     out: Path = typer.Option(Path(".tether/report"), help="Where report.md/.json/.png go."),
 ) -> None:
-    """Efficacy report: initial vs offline-only vs N cycles (+ a budget probe), claims checked."""
-    _load(config, set_)
-    from orchestrator.report import run_report, verdict
+    """Efficacy report: initial vs offline-only vs N cycles (+ a budget probe), claims checked.
+
+    Exit code 1 when the judge failed its audit (enforced): the report is written, says so, and
+    measured nothing.
+    """
+    cfg = _load(config, set_)
+    from orchestrator.report import audit_headline, judge_stopped, run_report, verdict
 
     with _user_errors(), serverless_flow_settings():
         res = run_report(str(config), parse_sets(set_), cycles, out)
@@ -354,7 +362,14 @@ def report(
         colour = {"yes": "green", "NO": "red", "not shown": "yellow"}[text]
         table.add_row(c["claim"], f"[{colour}]{text}[/{colour}]", c["evidence"])
     console.print(table)
-    console.print(f"written: {res['paths']['md']}, {res['paths']['png']}")
+    if res.get("audit") is not None:
+        print_audit(res["audit"], cfg.online.judge.audit)
+    info = res["meta"].get("judge_audit")
+    colour = "green" if info and info["passes"] else "yellow" if not info else "red"
+    console.print(f"[{colour}]{audit_headline(info)}[/{colour}]")
+    console.print("written: " + ", ".join(str(p) for p in res["paths"].values()))
+    if judge_stopped(res["meta"]):
+        raise typer.Exit(1)
 
 
 @contextmanager

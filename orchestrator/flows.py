@@ -37,6 +37,7 @@ from orchestrator.config import TetherConfig, load_config, redacted_dump
 from orchestrator.tracking import RunTracker, cycle_metrics, open_run
 
 if TYPE_CHECKING:
+    from online.audit import JudgeAudit
     from online.config import CycleInputs
     from online.gate import EvalSummary
     from online.cycle import CycleReport
@@ -292,6 +293,8 @@ def history_markdown(history: list[dict[str, Any]], budget: float) -> str:
 
 def cycle_markdown(report: "CycleReport") -> str:
     """One cycle's metrics and decision, as markdown."""
+    from online.audit import conflict_text
+
     nan = float("nan")
     cats = sorted(k for k in {**report.before, **report.after} if k != "mean")
     rows = [{"category": c, "reward before": report.before.get(c, nan), "reward after": report.after.get(c, nan),
@@ -312,7 +315,7 @@ def cycle_markdown(report: "CycleReport") -> str:
         f"Controller: {report.controller_reason}",
         *(f"**Flag:** {f}" for f in report.flags),
         ("Judge audit: " + report.audit.judge + ", agreement with human labels " + report.audit.agreement.text()
-         + ", position conflicts " + report.audit.position_conflict.text() + " (artifact `judge-audit`)")
+         + ", position conflicts " + conflict_text(report.audit) + " (artifact `judge-audit`)")
         if report.audit else "Judge audit: off for this judge (online.judge.audit.enabled).",
         "## Reward per category (held-out prompts)",
         markdown_table(rows),
@@ -415,6 +418,25 @@ def judge_audit(
 # -- the embedded demo / efficacy report: initial -> offline -> N cycles -------------------------
 
 
+def audit_judge(inputs: "CycleInputs") -> "JudgeAudit | None":
+    """The judge's audit (`online.audit.cycle_audit`: cached, enforced; None when off for this
+    judge), shown as the `judge-audit` artifact, also when it fails."""
+    from online.audit import JudgeAuditFailed, cycle_audit
+
+    audit_cfg = inputs.online.judge.audit
+    try:
+        audit = cycle_audit(inputs)
+    except JudgeAuditFailed as exc:
+        create_markdown_artifact(audit_markdown(exc.audit, audit_cfg), key="judge-audit",
+                                 description=f"Judge audit of {exc.audit.judge}: FAILED, nothing was judged")
+        raise
+    if audit is not None:
+        create_markdown_artifact(audit_markdown(audit, audit_cfg), key="judge-audit",
+                                 description=f"Judge audit of {audit.judge}")
+    return audit
+
+
+
 def stage_row(stage: str, reward: dict[str, float], kl: dict[str, float], budget: float,
               covered: set[str], promoted: str) -> dict[str, Any]:
     """One row of the stages table: reward on covered vs held-out categories, KL vs budget."""
@@ -450,6 +472,9 @@ def hybrid_demo(
     cfg = resolve_config(config_path, overrides, config)
     inputs = cycle_inputs(cfg)
     budget = inputs.online.controller.kl_budget
+    # Every stage is scored by the judge: audit it before anything is built, trained or scored
+    # (raises JudgeAuditFailed below its thresholds unless audit.enforce is off).
+    audit = _task("judge-audit")(audit_judge)(inputs)
     initial_dir = resolve_model_dir(cfg.model, cfg.state_dir)  # built / converted on first use
     score = _task("score-stage")(evaluate_checkpoint)
     initial = score(inputs, initial_dir, cfg.seed)
@@ -484,7 +509,7 @@ def hybrid_demo(
         key="demo-stages", description="Initial vs offline vs online cycles",
     )
     return {"stages": rows, "cycles": reports, "offline": off, "covered": sorted(covered),
-            "metric": inputs.online.gate.metric, "baseline": baseline, "summaries": summaries}
+            "metric": inputs.online.gate.metric, "baseline": baseline, "summaries": summaries, "audit": audit}
 
 
 def cycle_summary(rep: dict[str, Any]) -> "EvalSummary | None":

@@ -17,6 +17,13 @@ budget) is "not shown", never "holds":
 3. every promoted cycle is within the KL budget;
 4. a cycle that breaks the budget is rolled back (the probe).
 
+Every stage is scored by the configured judge, so the judge is audited first (`online.audit`,
+when audits are on for it). A judge that fails its audit with `audit.enforce` on stops the
+report before anything is built, trained or scored: the report is still written, and says so
+plainly (its headline, every stage "not run" / "not scored", the probe "not tested", each claim
+"not tested", the audit's table), and `tether report` exits 1. With `enforce` off the report
+runs and its headline says that every figure is that failed judge's.
+
 Outputs under `out_dir`: report.md (tables and verdicts), report.json (all figures),
 report.png (reward per category and KL vs budget per stage).
 """
@@ -97,6 +104,12 @@ def probe_label(verdict: str) -> str:
     return "inconclusive (too little evidence; not promoted)"
 
 
+CLAIM_OFFLINE = "offline DPO improves the covered categories"
+CLAIM_ONLINE = "online cycles improve the held-out categories beyond offline-only"
+CLAIM_KL = "every promoted cycle is within the KL budget"
+CLAIM_PROBE = "a cycle that breaks the budget is rolled back"
+
+
 def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, tolerance: float = 0.0) -> list[dict[str, Any]]:
     """Each claim with the figures behind it and whether they bear it out (pure).
 
@@ -117,7 +130,7 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
         before, after = initial["reward/covered"], offline["reward/covered"]
         measurable = math.isfinite(before) and math.isfinite(after)
         out.append({
-            "claim": "offline DPO improves the covered categories",
+            "claim": CLAIM_OFFLINE,
             "evidence": f"covered reward {before:.3f}{_pm(initial, 'covered')} -> {after:.3f}{_pm(offline, 'covered')}"
                         if measurable
                         else "not measurable: no prompt-pool category is in the static dataset",
@@ -128,7 +141,7 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
         # No promoted cycle because the evidence was too thin is not "online did not help": not shown.
         unshown = not promoted and bool(inconclusive)
         out.append({
-            "claim": "online cycles improve the held-out categories beyond offline-only",
+            "claim": CLAIM_ONLINE,
             "evidence": (f"held-out reward offline {offline['reward/heldout']:.3f}{_pm(offline, 'heldout')}, "
                          f"best promoted cycle {best_cycle:.3f}{_pm(best_row, 'heldout')}"
                          if promoted else "no cycle was promoted"
@@ -140,7 +153,7 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
         })
     over = [r for r in promoted if not (r["kl/policy_ref"] <= r["kl_budget"])]
     out.append({
-        "claim": "every promoted cycle is within the KL budget",
+        "claim": CLAIM_KL,
         "evidence": ", ".join(f"{r['stage']}: KL {r['kl/policy_ref']:.3f} <= {r['kl_budget']:g}" for r in promoted)
                     or "not tested: no cycle was promoted",
         "holds": not over if promoted else None,
@@ -149,7 +162,7 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
         broke = probe["kl/policy_ref"] > probe["kl_budget"]
         gate = probe.get("gate/verdict") or ("promote" if probe["promoted"] == "yes" else "reject")
         out.append({
-            "claim": "a cycle that breaks the budget is rolled back",
+            "claim": CLAIM_PROBE,
             "evidence": f"probe: KL {probe['kl/policy_ref']:.3f} vs budget {probe['kl_budget']:.3g}; "
                         f"gate verdict: {gate}; {probe['promoted']}"
                         + ("" if broke else "; not shown: the probe stayed within its budget (the current "
@@ -159,6 +172,72 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
             "holds": gate == "reject" if broke else None,
         })
     return out
+
+
+NOT_RUN = {
+    "initial": "not scored (the judge failed its audit)",
+    "offline": "not run (no judge to score it)",
+    "cycle": "no: not run (no label, no training)",
+    "budget probe": "not tested (no cycle ran)",
+}
+"""Each stage's outcome in a report stopped by its judge's failed audit."""
+
+
+def judge_failed_rows(cycles: int, budget: float) -> list[dict[str, Any]]:
+    """The stages of a report whose judge failed its audit: none scored, trained or run (pure)."""
+    nan = math.nan
+
+    def row(stage: str, outcome: str, kl_budget: float = budget) -> dict[str, Any]:
+        return {"stage": stage, "reward/covered": nan, "reward/heldout": nan, "reward/mean": nan,
+                "kl/policy_ref": nan, "kl/stderr": nan, "kl_budget": kl_budget, "promoted": outcome}
+
+    return [row("initial", NOT_RUN["initial"]), row("offline", NOT_RUN["offline"]),
+            *(row(f"cycle {i + 1}", NOT_RUN["cycle"]) for i in range(cycles)),
+            row("budget probe", NOT_RUN["budget probe"], nan)]  # its budget is half a KL never measured
+
+
+def judge_failed_claims() -> list[dict[str, Any]]:
+    """Every claim, untested, with why (pure): the judge that scores every stage failed its audit."""
+    return [
+        {"claim": CLAIM_OFFLINE, "holds": None,
+         "evidence": "not tested: every stage is scored by the judge, which failed its audit; nothing was "
+                     "trained or scored"},
+        {"claim": CLAIM_ONLINE, "holds": None,
+         "evidence": "not tested: no cycle ran (the judge failed its audit): nothing labelled, trained or promoted"},
+        {"claim": CLAIM_KL, "holds": None, "evidence": "not tested: no cycle ran, so none was promoted"},
+        {"claim": CLAIM_PROBE, "holds": None,
+         "evidence": "not tested: the budget probe did not run (the judge failed its audit)"},
+    ]
+
+
+def audit_meta(audit: Any, audit_cfg: Any) -> dict[str, Any] | None:
+    """The judge audit's verdict for report.json and the headline (None: audits off for this judge)."""
+    if audit is None:
+        return None
+    from online.audit import audit_failures, conflict_text
+
+    failures = [f.text() for f in audit_failures(audit, audit_cfg)]
+    return {"judge": audit.judge, "key": audit.key, "passes": not failures, "failures": failures,
+            "enforce": audit_cfg.enforce, "pairs": audit.counts.requested,
+            "agreement": audit.agreement.text(), "position_conflict": conflict_text(audit),
+            "unparseable": audit.unparseable.text()}
+
+
+def audit_headline(info: dict[str, Any] | None) -> str:
+    """One plain sentence on the judge's audit and what it meant for this report (pure)."""
+    if info is None:
+        return "Judge audit: off for this judge (online.judge.audit.enabled); its labels are taken as given."
+    if info["passes"]:
+        return (f"The judge {info['judge']} passed its audit on {info['pairs']} held-out pairs (agreement with "
+                f"human labels {info['agreement']}).")
+    failed = f"The judge {info['judge']} FAILED its audit on {info['pairs']} held-out pairs: " + "; ".join(info["failures"])
+    if info["enforce"]:
+        return (failed + ". Every stage is scored by that judge, so nothing was scored with it: no stage was "
+                "scored, no cycle labelled, trained or promoted, and the budget probe was not tested. Use a "
+                "stronger judge (re-measure with `tether judge audit --config CFG --refresh`), or see what it "
+                "would do anyway with --set online.judge.audit.enforce=false.")
+    return (failed + ". online.judge.audit.enforce is off, so it labelled and scored anyway: every win rate, "
+            "label and gate verdict below is that judge's, and says little.")
 
 
 def _pm(row: dict[str, Any], group: str) -> str:
@@ -231,16 +310,43 @@ def verdict(holds: bool | None) -> str:
     return "not shown" if holds is None else "yes" if holds else "NO"
 
 
-def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Path]:
-    """report.md / report.json / report.png under `out_dir`."""
+def judge_stopped(meta: dict[str, Any]) -> bool:
+    """Whether the report was stopped by its judge's failed (enforced) audit: nothing measured."""
+    info = meta.get("judge_audit")
+    return bool(info) and not info["passes"] and info["enforce"]
+
+
+def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[str, Any]], meta: dict[str, Any],
+                 audit: Any = None, audit_cfg: Any = None) -> dict[str, Path]:
+    """report.md / report.json / report.png under `out_dir` (no png when nothing was measured);
+    `audit` (a `JudgeAudit`, with its `JudgeAuditConfig`) adds the audit's table."""
+    from orchestrator.artifacts import audit_markdown
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    head = [
+        "# tether efficacy report",
+        f"Measured {meta['date']} on {meta['machine']}; config `{meta['config']}`, seed {meta['seed']}, "
+        f"{meta['cycles']} cycles + 1 budget probe; {meta['seconds']:.0f} s.",
+        f"**{audit_headline(meta.get('judge_audit'))}**",
+    ]
+    audit_md = [] if audit is None else ["#" + audit_markdown(audit, audit_cfg)]  # its "# Judge audit" as a section
+    paths = {"md": out_dir / "report.md", "json": out_dir / "report.json"}
+    if judge_stopped(meta):
+        md = "\n\n".join([
+            *head,
+            "## Stages", markdown_table(rows, ["stage", "promoted"]),
+            "## Claims",
+            markdown_table([{**c, "holds": verdict(c["holds"])} for c in claims], ["claim", "holds", "evidence"]),
+            *audit_md,
+        ])
+        paths["md"].write_text(md + "\n", encoding="utf-8")
+        paths["json"].write_text(json.dumps({"meta": meta, "stages": rows, "claims": claims}, indent=2, default=str))
+        return paths
     cols = ["stage", "reward/covered", "stderr/covered", "reward/heldout", "stderr/heldout", "reward/mean",
             "kl/policy_ref", "kl/stderr", "kl_budget", "promoted", "judge/cost_per_1k_judgments",
             "judge/seconds_per_1k_judgments"]
     md = "\n\n".join([
-        "# tether efficacy report",
-        f"Measured {meta['date']} on {meta['machine']}; config `{meta['config']}`, seed {meta['seed']}, "
-        f"{meta['cycles']} cycles + 1 budget probe; {meta['seconds']:.0f} s.",
+        *head,
         f"Covered categories (in the static dataset): {', '.join(meta['covered']) or 'none'}. "
         f"Score: {METRIC_LABEL[meta.get('metric', 'reward')].format(scorer=meta.get('scorer', 'the judge'))}; "
         "± is one standard error (clustered by prompt; covered/held-out: of the mean of category means).",
@@ -262,8 +368,9 @@ def write_report(out_dir: Path, rows: list[dict[str, Any]], claims: list[dict[st
                        ["stage", *JUDGE_COLUMNS, "judge_audit/agreement", "flags"]),
         "## Score per category (± one standard error)",
         markdown_table(per_category_rows(rows)),
+        *audit_md,
     ])
-    paths = {"md": out_dir / "report.md", "json": out_dir / "report.json", "png": out_dir / "report.png"}
+    paths["png"] = out_dir / "report.png"
     paths["md"].write_text(md + "\n", encoding="utf-8")
     paths["json"].write_text(json.dumps({"meta": meta, "stages": rows, "claims": claims}, indent=2, default=str))
     plot(rows, paths["png"], meta.get("metric", "reward"))
@@ -307,11 +414,20 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
     from orchestrator.config import load_config, with_setting
     from orchestrator.flows import hybrid_demo, refresh_cycle
 
+    from online.audit import JudgeAuditFailed, cycle_audit
+    from orchestrator.flows import cycle_inputs
+
     t0 = time.perf_counter()
     base = load_config(config_path, overrides)
     state = fresh_state_dir(base.state_dir, out_dir)
     o = {**(overrides or {}), "state_dir": str(state)}
     base = with_setting(base, "state_dir", state)
+    try:
+        # Before any flow: a failed audit is this report's finding, not an error to log with a
+        # traceback. Cached under the report's state dir, so the flows below reuse it.
+        cycle_audit(cycle_inputs(base))
+    except JudgeAuditFailed as exc:
+        return judge_failed_report(exc, base, config_path, cycles, out_dir, t0)
     demo = hybrid_demo(config_path, o, run_label="report", cycles=cycles, progress=progress, config=base)
     rows = [dict(r) for r in demo["stages"]]
     cost = {f"cycle {c['index']}": c["judge"].get("judge/cost_per_1k_judgments", 0.0) for c in demo["cycles"] if not c.get("skipped")}
@@ -354,12 +470,31 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
         probe.update(gate_columns(rep))
         rows.append(probe)
     claims = check_claims(rows, probe)
-    meta = {
+    meta = {**report_meta(base, config_path, cycles, demo["metric"], t0), "covered": demo["covered"],
+            "judge_audit": audit_meta(demo.get("audit"), base.online.judge.audit)}
+    paths = write_report(out_dir, rows, claims, meta, demo.get("audit"), base.online.judge.audit)
+    return {"stages": rows, "claims": claims, "meta": meta, "audit": demo.get("audit"),
+            "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def report_meta(cfg: Any, config_path: str, cycles: int, metric: str, t0: float) -> dict[str, Any]:
+    """What every report says about where, when and how it was measured."""
+    return {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": machine(),
-        "config": config_path, "seed": base.seed, "cycles": cycles, "covered": demo["covered"], "metric": demo["metric"],
-        "confidence": base.online.gate.confidence, "min_decisive": base.online.gate.min_decisive,
-        "scorer": scorer_name(base),
-        "seconds": time.perf_counter() - t0,
+        "config": config_path, "seed": cfg.seed, "cycles": cycles, "covered": [], "metric": metric,
+        "confidence": cfg.online.gate.confidence, "min_decisive": cfg.online.gate.min_decisive,
+        "scorer": scorer_name(cfg), "seconds": time.perf_counter() - t0,
     }
-    paths = write_report(out_dir, rows, claims, meta)
-    return {"stages": rows, "claims": claims, "meta": meta, "paths": {k: str(v) for k, v in paths.items()}}
+
+
+def judge_failed_report(exc: Any, cfg: Any, config_path: str, cycles: int, out_dir: Path, t0: float) -> dict[str, Any]:
+    """The report of a run stopped by its judge's failed audit (`JudgeAuditFailed` `exc`): written,
+    with nothing measured and everything saying why."""
+    audit_cfg = cfg.online.judge.audit
+    rows = judge_failed_rows(cycles, cfg.online.controller.kl_budget)
+    claims = judge_failed_claims()
+    meta = {**report_meta(cfg, config_path, cycles, cfg.online.gate.metric, t0),
+            "judge_audit": audit_meta(exc.audit, audit_cfg)}
+    paths = write_report(out_dir, rows, claims, meta, exc.audit, audit_cfg)
+    return {"stages": rows, "claims": claims, "meta": meta, "audit": exc.audit,
+            "paths": {k: str(v) for k, v in paths.items()}}

@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from fake_openai_server import FakeOpenAIServer
 
@@ -24,6 +25,7 @@ from online.audit import (
     JudgeAuditFailed,
     audit_failures,
     audit_path,
+    audit_rows,
     count_outcomes,
     neutralised_flag,
     rate,
@@ -247,4 +249,136 @@ def test_a_rule_judge_is_audited_without_calls(tmp_path):
     audit = run_audit(cfg)
     # The demo's chosen replies are the right answers and its rejected ones 1-2 digits off.
     assert (audit.agreement.k, audit.agreement.n) == (20, 20) and audit.calls == 0
-    assert audit.position_conflict.value == 0.0 and audit.cost_per_1k_labels == 0.0
+    # A rule scores each reply alone: no position-conflict rate (not a silent 0), no threshold on it.
+    assert audit.position_conflict is None and audit.cost_per_1k_labels == 0.0
+    (row,) = [r for r in audit_rows(audit, cfg.online.judge.audit) if r["figure"] == "position-conflict rate"]
+    assert row["value"] == "n/a" and row["ok"] == "" and "not applicable" in row["threshold"]
+    assert "judge_audit/position_conflict" not in audit.summary()
+
+
+# -- a reward-model judge: one score per reply, no order ----------------------------------------
+
+
+def rm_overrides(tmp_path: Path, data: Path, rm: Path, pairs: int = PAIRS, min_margin: float = 0.0) -> dict:
+    return {
+        "state_dir": str(tmp_path / "state"), "model": {"name_or_path": str(tmp_path / "no-model-needed")},
+        "data": {"path": str(data), "format": "explicit", "heldout_fraction": 0.5}, "train": {},
+        "online": {"prompts": {"function": "offline.demo_task:demo_prompt_pool"},
+                   "judge": {"kind": "reward_model", "audit": {"pairs": pairs},
+                             "reward_model": {"path": str(rm), "device": "cpu", "batch_size": 5,
+                                              "min_margin": min_margin}}},
+    }
+
+
+def test_a_reward_model_agrees_when_it_scores_the_human_choice_higher(tmp_path):
+    """Agreement for a scalar judge is reward(prompt + chosen) > reward(prompt + rejected) (by at
+    least min_margin), each reply scored alone: checked against scores computed here one text at
+    a time, with a random reward model and replies whose last words vary, so every outcome
+    (agree, disagree, tie) occurs. It has no position-conflict rate: n/a, not 0."""
+    import random as _random
+
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from _reward_models import save_reward_model
+    from offline.data import load_preference_dataset
+    from offline.seeds import derive_seed
+
+    rm = save_reward_model(tmp_path / "rm", direction=None)
+    rng, ends = _random.Random(1), ["GOOD", "meh", "fine", "is", "answer", "question", ".", "?"]
+    data = tmp_path / "pairs.jsonl"
+    with data.open("w") as f:
+        for i in range(80):
+            a, b = rng.sample(ends, 2)
+            f.write(json.dumps({"prompt": f"question {i}?", "chosen": f"answer {i % 10} is {a}",
+                                "rejected": f"answer {i % 10} is {b}"}) + "\n")
+    cfg = load_config(None, rm_overrides(tmp_path, data, rm, pairs=30))
+    audit = run_audit(cfg)
+
+    tok, model = AutoTokenizer.from_pretrained(rm), AutoModelForSequenceClassification.from_pretrained(rm).eval()
+
+    def reward(text: str) -> float:
+        with torch.inference_mode():
+            return model(**tok(text, return_tensors="pt")).logits[0, 0].item()  # (1, 1) -> scalar
+
+    heldout = load_preference_dataset(cfg.data).heldout
+    asked = select_audit_pairs(heldout, 30, derive_seed(cfg.seed, "judge-audit"))
+    margins = [reward(p.prompt + p.chosen) - reward(p.prompt + p.rejected) for p in asked]
+
+    def expected(min_margin: float) -> tuple[int, int, int]:
+        agree = sum(m > 0 and m >= min_margin for m in margins)
+        disagree = sum(-m > 0 and -m >= min_margin for m in margins)
+        return agree, disagree, len(margins) - agree - disagree
+
+    c = audit.counts
+    assert (c.requested, c.answered) == (30, 30) and audit.calls == 0 and audit.cost_usd == 0.0
+    assert (c.agree, c.disagree, c.ties) == expected(0.0) and c.agree > 0 and c.disagree > 0
+    assert (audit.agreement.k, audit.agreement.n) == (c.agree, c.agree + c.disagree)
+    assert c.position_conflicts == 0 and c.unparseable == 0 and audit.position_conflict is None
+    assert audit.judge == "reward_model:rm" and audit.identity["kind"] == "reward_model"
+
+    # A margin halfway between two measured ones turns the smaller margins into ties.
+    sizes = sorted(abs(m) for m in margins)
+    min_margin = (sizes[12] + sizes[13]) / 2
+    strict = run_audit(load_config(None, rm_overrides(tmp_path, data, rm, pairs=30, min_margin=min_margin)))
+    assert strict.key != audit.key  # min_margin is part of the judge's identity
+    assert (strict.counts.agree, strict.counts.disagree, strict.counts.ties) == expected(min_margin)
+    assert strict.counts.ties >= 13 and strict.tie.value == pytest.approx(strict.counts.ties / 30)
+
+    # The tables and messages say n/a for position conflicts, never a silent 0.
+    (row,) = [r for r in audit_rows(audit, cfg.online.judge.audit) if r["figure"] == "position-conflict rate"]
+    assert row == {"figure": "position-conflict rate", "value": "n/a", "k/n": "", "95% CI": "",
+                   "threshold": "not applicable: scores each reply alone, in no order", "ok": ""}
+    assert set(audit.summary()) == {"judge_audit/key", "judge_audit/pairs", "judge_audit/agreement",
+                                    "judge_audit/agreement_all", "judge_audit/tie", "judge_audit/unparseable",
+                                    "judge_audit/cost_per_1k_labels"}
+
+
+def test_a_reward_model_that_ranks_against_the_humans_fails_and_never_on_position(tmp_path, dataset):
+    from _reward_models import save_reward_model
+
+    good = run_audit(load_config(None, rm_overrides(tmp_path, dataset, save_reward_model(tmp_path / "good", 1.0))))
+    assert (good.agreement.k, good.agreement.n) == (PAIRS, PAIRS) and good.position_conflict is None
+    assert audit_failures(good, JudgeAuditConfig()) == []
+
+    bad_cfg = load_config(None, rm_overrides(tmp_path, dataset, save_reward_model(tmp_path / "bad", -1.0)))
+    bad = run_audit(bad_cfg)
+    assert (bad.agreement.k, bad.agreement.n) == (0, PAIRS)
+    (failure,) = audit_failures(bad, bad_cfg.online.judge.audit)  # agreement only: no position figure
+    # Wilson at k=0, n=12: upper = 2 (z^2/24) / (1 + z^2/12) = 0.320122 / 1.320122 = 0.242 (z^2 = 3.841459).
+    assert failure.text() == (f"agreement with human labels 0.000 (0/{PAIRS}; 95% CI 0.000-0.242) "
+                              "< online.judge.audit.min_agreement 0.6")
+    with pytest.raises(JudgeAuditFailed, match="judge reward_model:bad failed its audit"):
+        require_usable(bad, bad_cfg.online.judge.audit)
+
+    # Every margin below min_margin: all ties, no usable label; the message names no position conflicts.
+    tied_cfg = load_config(None, rm_overrides(tmp_path, dataset, tmp_path / "good", min_margin=1e6))
+    (tied,) = audit_failures(run_audit(tied_cfg), tied_cfg.online.judge.audit)
+    assert tied.value == f"undefined: the judge produced no usable label ({PAIRS} ties, 0 unparseable of {PAIRS})"
+
+
+def test_a_reward_model_saved_again_under_the_same_path_is_audited_again(tmp_path, dataset):
+    """The cache key stamps the model's files: new weights at the same path are a new judge."""
+    from _reward_models import save_reward_model
+
+    rm = save_reward_model(tmp_path / "rm", 1.0)
+    cfg = load_config(None, rm_overrides(tmp_path, dataset, rm))
+    first = run_audit(cfg)
+    assert run_audit(cfg) == first  # cached
+    for f in rm.iterdir():
+        f.unlink()
+    save_reward_model(rm, -1.0)  # retrained in place, the same path
+    again = run_audit(cfg)
+    assert again.key != first.key and again.identity["files"] != first.identity["files"]
+    assert (first.agreement.k, again.agreement.k) == (PAIRS, 0)
+
+
+def test_an_audit_on_fewer_pairs_than_asked_for_says_so(tmp_path, dataset, caplog):
+    from _reward_models import save_reward_model
+
+    cfg = load_config(None, rm_overrides(tmp_path, dataset, save_reward_model(tmp_path / "rm", 1.0), pairs=100))
+    with caplog.at_level(logging.WARNING, logger="online.audit"):
+        audit = run_audit(cfg)
+    n = audit.counts.requested
+    assert 20 <= n <= 40  # about half of 60 pairs are held out
+    assert f"only {n} of the 100 pairs asked for (online.judge.audit.pairs)" in caplog.text
+    assert "raise data.heldout_fraction" in caplog.text

@@ -149,3 +149,77 @@ def test_tether_judge_audit_and_eval_print_the_audit(harness, family, tmp_path):
         assert server.n_requests == 4 * PAIRS  # eval showed the cached audit
     audits = sorted((state / "judge-audits").glob("*.json"))
     assert len(audits) == 2  # one per endpoint: each fake server listens on its own port
+
+
+def rm_config(tmp_path: Path, cfg: dict, rm: Path, **audit) -> Path:
+    """The family's config with a reward-model judge at `rm`, scoring by reward; written as YAML."""
+    cfg = json.loads(json.dumps(cfg))
+    cfg["online"]["judge"] = {"kind": "reward_model", "audit": {"pairs": PAIRS, **audit},
+                              "reward_model": {"path": str(rm), "device": "cpu"}}
+    cfg["online"]["gate"] = {"metric": "reward"}
+    cfg["online"].update(min_fresh_pairs=1, train_pairs=16)  # a tiny policy's few samples: train on what there is
+    path = tmp_path / "config-rm.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_tether_judge_audit_of_a_reward_model(harness, family, tmp_path):
+    """`tether judge audit` on a reward-model judge: scored replies, no orders: the table shows
+    the position-conflict rate as n/a, and the verdict rests on agreement alone."""
+    from _reward_models import save_reward_model
+
+    state, cfg = family
+    runner = CliRunner()
+    good = runner.invoke(app, ["judge", "audit", "--config", str(rm_config(tmp_path, cfg, save_reward_model(tmp_path / "good", 1.0)))])
+    assert good.exit_code == 0, good.output
+    text = " ".join(good.output.split())  # rich wraps long cells
+    assert "judge audit of reward_model:good" in text and "the judge passes its audit" in text
+    assert "n/a" in text and "not applicable" in text and "1.000" in text
+
+    bad = runner.invoke(app, ["judge", "audit", "--config", str(rm_config(tmp_path, cfg, save_reward_model(tmp_path / "bad", -1.0)))])
+    assert bad.exit_code == 1, bad.output
+    verdict = " ".join(bad.output.split("the judge fails its audit:", 1)[1].split())
+    assert verdict == (f"agreement with human labels 0.000 (0/{PAIRS}; 95% CI 0.000-0.324) "
+                       "< online.judge.audit.min_agreement 0.6")  # no position-conflict failure
+    assert len(list((state / "judge-audits").glob("*.json"))) == 2
+
+
+def test_a_cycle_audits_a_reward_model_judge_when_enabled(harness, family, tmp_path, monkeypatch):
+    """`audit.enabled: true` audits a reward-model judge at the cycle's start: one that ranks
+    against the humans stops the cycle before it loads or generates anything; one that agrees
+    lets it run, and its audit (without a position-conflict figure) goes into the lineage."""
+    import online.cycle
+    from _reward_models import save_reward_model
+    from offline.checkpoint import read_lineage
+
+    state, cfg = family
+    bad = rm_config(tmp_path, cfg, save_reward_model(tmp_path / "bad", -1.0), enabled=True)
+    load_current, generate = online.cycle.load_current, online.cycle.generate
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the cycle went on past a failed judge audit")
+
+    monkeypatch.setattr(online.cycle, "load_current", must_not_run)
+    monkeypatch.setattr(online.cycle, "generate", must_not_run)
+    run = flows.refresh_cycle(str(bad), None, run_label="rm-bad", progress=False, return_state=True)
+    assert run.is_failed(), run
+    with pytest.raises(JudgeAuditFailed, match=r"judge reward_model:bad failed its audit .*agreement with human "
+                                               r"labels 0\.000 \(0/8; 95% CI 0\.000-0\.324\) < "):
+        run.result()
+    md = artifact_markdown(run.state_details.flow_run_id, "judge-audit")
+    assert "FAILS" in md and "each reply scored alone" in md
+    assert "| position-conflict rate | n/a |  |  | not applicable: scores each reply alone, in no order |  |" in md
+    assert PolicyRegistry(state, "audit").history() == []
+
+    monkeypatch.setattr(online.cycle, "load_current", load_current)
+    monkeypatch.setattr(online.cycle, "generate", generate)
+    good = rm_config(tmp_path, cfg, save_reward_model(tmp_path / "good", 1.0), enabled=True)
+    run = flows.refresh_cycle(str(good), None, run_label="rm-good", progress=False, return_state=True)
+    rep = run.result()
+    assert rep["audit"]["judge"] == "reward_model:good" and rep["audit"]["position_conflict"] is None
+    assert rep["audit"]["agreement"]["value"] == 1.0
+    lineage = read_lineage(rep["checkpoint"]["path"])["final_metrics"]["judge_audit"]
+    assert lineage["judge_audit/agreement"] == 1.0 and "judge_audit/position_conflict" not in lineage
+    md = artifact_markdown(run.state_details.flow_run_id, "refresh-cycle-metrics")
+    assert "Judge audit: reward_model:good, agreement with human labels 1.000 (8/8; " in md
+    assert "position conflicts n/a (scores each reply alone)" in md

@@ -159,6 +159,84 @@ def check_report(res: dict, out: Path, cycles: int) -> dict:
     return saved
 
 
+def test_a_report_whose_judge_fails_its_audit_says_so_and_measures_nothing(harness, tmp_path, monkeypatch):
+    """`tether report` with a position-biased LLM judge (the loopback server answering "A" in both
+    orders, as SmolLM2-135M does): the audit fails before any model is built, trained or scored;
+    the report is still written and says so plainly (headline, stages, claims, the audit's
+    table), the probe reads "not tested", and the command exits 1 without a traceback."""
+    import offline.models
+    from typer.testing import CliRunner
+
+    from fake_openai_server import FakeOpenAIServer
+    from orchestrator.cli import app
+    from orchestrator.report import NOT_RUN
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the report built, trained or scored a model after its judge failed its audit")
+
+    import orchestrator.cli
+
+    monkeypatch.setattr(offline.models, "resolve_model_dir", must_not_run)
+    monkeypatch.setattr(orchestrator.cli.console, "_width", 400)  # no wrapped table cells
+    out = tmp_path / "report"
+    with FakeOpenAIServer(mode="always_a") as judge:
+        sets = [f"state_dir={tmp_path / 'state'}", "online.judge.kind=llm", f"online.judge.llm.base_url={judge.base_url}",
+                "online.judge.llm.model=fake-judge", "online.judge.llm.max_retries=1", "online.judge.audit.pairs=8",
+                "online.gate.metric=win_rate", "data.format=explicit"]
+        res = CliRunner().invoke(app, ["report", "--config", str(ROOT / "configs" / "demo.yaml"), "--cycles", "2",
+                                       "--out", str(out), *[a for s in sets for a in ("--set", s)]])
+        assert judge.n_requests == 16, res.output  # the audit's 8 pairs in both orders, and nothing else
+    assert res.exit_code == 1, res.output
+    assert res.exception is None or isinstance(res.exception, SystemExit)  # no traceback
+    printed = " ".join(res.output.split())
+    for stage, outcome in [("initial", NOT_RUN["initial"]), ("offline", NOT_RUN["offline"]),
+                           ("cycle 1", NOT_RUN["cycle"]), ("cycle 2", NOT_RUN["cycle"]),
+                           ("budget probe", NOT_RUN["budget probe"])]:
+        assert outcome in printed, (stage, printed)
+    # Figures not measured print as "-": covered, held-out, KL of the initial row.
+    (initial,) = [line for line in res.output.splitlines() if line.startswith("│ initial ")]
+    assert [c.strip() for c in initial.split("│")[2:5]] == ["-", "-", "-"] and " nan " not in printed
+    headline = ("The judge llm:fake-judge FAILED its audit on 8 held-out pairs: agreement with human labels "
+                "undefined: the judge produced no usable label")
+    assert headline in printed
+    assert ("no stage was scored, no cycle labelled, trained or promoted, and the budget probe was not tested"
+            in printed)
+    assert "position-conflict rate 1.000 (8/8; 95% CI 0.676-1.000) > online.judge.audit.max_position_conflict 0.4" in printed
+    assert "not tested: the budget probe did not run (the judge failed its audit)" in printed
+
+    md = (out / "report.md").read_text()
+    assert f"**{headline}" in md and "| budget probe | not tested (no cycle ran) |" in md
+    assert "| cycle 2 | no: not run (no label, no training) |" in md
+    assert "| a cycle that breaks the budget is rolled back | not shown | not tested: the budget probe did not run" in md
+    assert "## Judge audit: `llm:fake-judge`" in md and "| position-conflict rate | 1.000 | 8/8 | 0.676-1.000 | <= 0.4 | NO |" in md
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["meta"]["judge_audit"]["passes"] is False and saved["meta"]["judge_audit"]["enforce"] is True
+    assert [r["promoted"] for r in saved["stages"]] == [NOT_RUN["initial"], NOT_RUN["offline"], NOT_RUN["cycle"],
+                                                        NOT_RUN["cycle"], NOT_RUN["budget probe"]]
+    assert [c["holds"] for c in saved["claims"]] == [None] * 4
+    assert not (out / "report.png").exists()
+    assert not (out / "state" / "checkpoints").exists()  # nothing trained
+
+
+def test_the_headline_says_what_the_judge_audit_meant_for_the_report():
+    from orchestrator.report import audit_headline, judge_stopped
+
+    info = {"judge": "llm:j", "pairs": 64, "passes": False, "enforce": True, "agreement": "0.562 (36/64; ...)",
+            "failures": ["agreement with human labels 0.562 (36/64; 95% CI 0.441-0.677) < online.judge.audit.min_agreement 0.6"]}
+    stopped = audit_headline(info)
+    assert stopped.startswith("The judge llm:j FAILED its audit on 64 held-out pairs: agreement with human labels 0.562")
+    assert "no cycle labelled, trained or promoted, and the budget probe was not tested" in stopped
+    assert judge_stopped({"judge_audit": info})
+    lenient = {**info, "enforce": False}
+    assert "enforce is off, so it labelled and scored anyway" in audit_headline(lenient)
+    assert not judge_stopped({"judge_audit": lenient})
+    passed = {**info, "passes": True, "failures": []}
+    assert audit_headline(passed) == ("The judge llm:j passed its audit on 64 held-out pairs "
+                                      "(agreement with human labels 0.562 (36/64; ...)).")
+    assert not judge_stopped({"judge_audit": passed}) and not judge_stopped({"judge_audit": None})
+    assert audit_headline(None).startswith("Judge audit: off for this judge")
+
+
 @pytest.mark.slow
 def test_demo_report_end_to_end(harness, tmp_path, redis_url, monkeypatch):
     import orchestrator.flows
