@@ -125,13 +125,16 @@ def code_version() -> str:
 # Atomic directories (shared with offline.models, offline.demo_task and offline.train's snapshots)
 
 
+@functools.lru_cache(maxsize=1)
+def _renameat2():
+    """libc's renameat2 (Linux), or None; looked up once (find_library runs ldconfig)."""
+    libc_name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False if unsupported."""
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
+    renameat2 = _renameat2()
     if renameat2 is None:
         return False
     at_fdcwd, rename_exchange = -100, 2
@@ -144,8 +147,7 @@ def _rename_noreplace(src: Path, dst: Path) -> bool:
 
     Linux renameat2(RENAME_NOREPLACE) decides in the kernel; elsewhere a plain rename, which
     fails with EEXIST / ENOTEMPTY onto a non-empty directory (every published one has files)."""
-    libc_name = ctypes.util.find_library("c")
-    renameat2 = getattr(ctypes.CDLL(libc_name, use_errno=True), "renameat2", None) if libc_name else None
+    renameat2 = _renameat2()
     if renameat2 is not None:
         at_fdcwd, rename_noreplace = -100, 1
         if renameat2(at_fdcwd, os.fsencode(src), at_fdcwd, os.fsencode(dst), rename_noreplace) == 0:
