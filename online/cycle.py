@@ -19,7 +19,10 @@ Each step takes and returns a small named type (`LoadedPolicy`, `Generation`s, `
 `run_cycle` reads top to bottom. Every step goes through a `step(name, fn)` hook that is the
 identity for plain calls (tests, benchmarks) and wraps the function in a Prefect task inside
 `orchestrator.flows.refresh_cycle`. Seeds are derived by name (`derive_seed(seed, "generate",
-cycle)`). Nothing here imports prefect or redis: the buffer arrives as an `online.replay.CycleBuffer`
+cycle)`), except evaluation's: one seed for the run (`derive_seed(seed, "eval")`, the stages'
+too), so every policy is sampled on the held-out prompts with the same random draws, and a
+policy evaluated once (as a cycle's candidate, or a stage) is not sampled again as the next
+cycle's current policy (`online.evaluate.EvalSampleCache`). Nothing here imports prefect or redis: the buffer arrives as an `online.replay.CycleBuffer`
 and the current policy comes from `offline.registry.PolicyRegistry` (its file is the truth, the
 buffer's pointers its mirror).
 
@@ -54,7 +57,9 @@ from offline.tokenize import TokenizedPair, tokenize_pairs
 from online.audit import JudgeAudit, cycle_audit, neutralised_flag
 from online.config import CycleInputs, GenerationConfig, JudgeConfig
 from online.controller import next_mix
-from online.evaluate import evaluate_candidate, evaluate_current, finite, make_scorer
+from online.evaluate import (
+    EvalSampleCache, eval_sample_key, evaluate_candidate, evaluate_current, finite, make_scorer,
+)
 from online.gate import EvalSummary, Verdict, decide_promotion
 from online.generate import build_generator
 from online.judge import build_judge
@@ -251,7 +256,9 @@ def run_cycle(
     # A cycle killed after promoting but before recording its state has still happened: the
     # pointer says so, and the next run must not apply the same cycle twice.
     index = max(state.completed, current.cycle or 0) + 1
-    seed = {stage: derive_seed(inputs.seed, stage, index) for stage in ("eval", "generate", "mix", "kl")}
+    seed = {stage: derive_seed(inputs.seed, stage, index) for stage in ("generate", "mix", "kl")}
+    seed["eval"] = derive_seed(inputs.seed, "eval")  # the run's, not the cycle's: see the module doc
+    eval_cache = EvalSampleCache(state_dir / "cache" / "eval-samples")
     parent = current.checkpoint
     judge_cfg = online.judge
     with _timed(seconds, "audit"):
@@ -268,7 +275,8 @@ def run_cycle(
             raise ValueError("the prompt pool has no held-out prompts to evaluate on: raise prompts.heldout_fraction")
     with _timed(seconds, "eval"):
         scorer = make_scorer(online.judge) if online.gate.metric == "reward" else None
-        before = step("evaluate-current", evaluate_current)(policy, eval_prompts, online, scorer, seed["eval"])
+        before = step("evaluate-current", evaluate_current)(policy, eval_prompts, online, scorer, seed["eval"],
+                                                            eval_cache, parent.id)
     with _timed(seconds, "generate"):
         prompts = sample_prompts(pool.train, online.prompts.sample_per_cycle, seed["generate"],
                                  balanced=online.prompts.category_balanced)
@@ -333,6 +341,9 @@ def run_cycle(
                      "judge": judged, "mix": mix, "judge_audit": audit.summary() if audit else None,
                      "flags": flags},
         )
+        # The candidate's samples stand for its checkpoint from now on (the next cycle's current).
+        eval_cache.put(ckpt.id, eval_sample_key(eval_prompts, online.generation, online.eval_samples, seed["eval"]),
+                       after.samples)
         if decision.promote and promote:
             registry.promote(ckpt, kind="cycle", cycle=index)
     report = CycleReport(

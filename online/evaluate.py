@@ -19,11 +19,15 @@ Nothing here imports prefect or redis.
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from offline.atomic import atomic_write_json
+from offline.checkpoint import is_complete, model_id
 from offline.models import LoadedPolicy, load_policy, load_reference, resolve_model_dir
 from offline.seeds import derive_seed
 from online.config import CycleInputs, GenerationConfig, JudgeConfig, OnlineConfig
@@ -34,6 +38,8 @@ from online.judge_local import load_callable
 from online.kl import KLEstimate, estimate_kl
 from online.prompts import Prompt, load_prompt_pool
 from online.types import Generation
+
+log = logging.getLogger(__name__)
 
 Scorer = Callable[[list[tuple[str, str]]], list[float]]
 """A scalar reward for (prompt, response) pairs."""
@@ -52,14 +58,85 @@ def make_scorer(judge_cfg: JudgeConfig) -> Scorer:
     raise ValueError("the llm judge has no scalar score; use gate.metric: win_rate")
 
 
-def sample_eval(policy: LoadedPolicy, prompts: list[Prompt], gen_cfg: GenerationConfig, samples: int, seed: int) -> list[Generation]:
+def sample_eval(
+    policy: LoadedPolicy, prompts: list[Prompt], gen_cfg: GenerationConfig, samples: int, seed: int,
+    cache: "EvalSampleCache | None" = None, model: str | None = None,
+) -> list[Generation]:
     """The policy's samples on the held-out prompts (in-memory transformers, whatever the
-    backend); the same seed for two policies makes their comparison paired."""
-    cfg = gen_cfg.model_copy(update={"backend": "hf", "k": max(samples, 2)})
+    backend); the same seed for two policies makes their comparison paired.
+
+    Exactly `samples` sequences per prompt are generated (none is drawn to be thrown away).
+    With a `cache` and the policy's weights id `model`, samples already drawn for the same
+    weights, prompts, settings and seed are read back instead of generated again, and new ones
+    are stored (see `EvalSampleCache`).
+    """
+    key = eval_sample_key(prompts, gen_cfg, samples, seed) if cache is not None and model else None
+    if key is not None:
+        hit = cache.get(model, key)  # type: ignore[union-attr]
+        if hit is not None:
+            return hit
+    # `k` counts responses per prompt for pairs (>= 2 in the config); evaluation asks for
+    # `samples`, which may be 1: the generator takes k per call, so pass it there.
+    cfg = gen_cfg.model_copy(update={"backend": "hf"})
     gens = build_generator(cfg, policy.model_dir, "eval", model=policy.model, tokenizer=policy.tokenizer)
     policy.model.eval()
-    out = gens.generate(prompts, cfg.k, seed)
-    return [g.model_copy(update={"responses": g.responses[:samples]}) for g in out]
+    out = gens.generate(prompts, samples, seed)
+    if key is not None:
+        cache.put(model, key, out)  # type: ignore[union-attr,arg-type]
+    return out
+
+
+def eval_sample_key(prompts: list[Prompt], gen_cfg: GenerationConfig, samples: int, seed: int) -> str:
+    """24-hex id of everything besides the weights that decides a policy's evaluation samples:
+    the prompts (text and category, in order), how many samples each, the seed and the sampling
+    settings (the batch size too: it decides which random draws each sequence gets)."""
+    spec = {
+        "prompts": [[p, c] for p, c in prompts], "samples": samples, "seed": seed,
+        "temperature": gen_cfg.temperature, "top_p": gen_cfg.top_p,
+        "max_new_tokens": gen_cfg.max_new_tokens, "batch_size": gen_cfg.batch_size,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:24]
+
+
+class EvalSampleCache:
+    """A policy's held-out evaluation samples, kept under `root` by weights id and sample key.
+
+    Why: the current policy of cycle i+1 is cycle i's promoted candidate (or the policy cycle i
+    started from), and with the run's fixed evaluation seed its samples were drawn already, when
+    it was evaluated as a candidate or as a stage. Sampling is most of a cycle's evaluation
+    cost on a CPU, and reading them back halves it. Scores are not cached: the scorer runs on
+    the samples every time (cheap for a rule or reward model; an LLM judge's win rate depends on
+    the other policy's samples anyway).
+
+    One approximation, stated: a LoRA checkpoint is sampled unmerged (pi_0 plus its adapter) in
+    a cycle and merged by `evaluate_checkpoint`; the two are the same weights up to float
+    rounding and share one entry. Entries are written atomically; a corrupt one is a miss.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def _path(self, model: str, key: str) -> Path:
+        return self.root / f"{model}-{key}.json"
+
+    def get(self, model: str, key: str) -> list[Generation] | None:
+        path = self._path(model, key)
+        try:
+            rows = json.loads(path.read_text())
+            return [Generation.model_validate(r) for r in rows]
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError) as exc:  # torn or foreign file: sample again, overwrite
+            log.warning("ignoring unreadable evaluation samples %s: %s", path, exc)
+            return None
+
+    def put(self, model: str, key: str, gens: list[Generation]) -> None:
+        """Store `gens`; a failed write is logged, never raised (the cache only saves time)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self._path(model, key), [g.model_dump(mode="json") for g in gens])
+        except OSError as exc:
+            log.warning("could not cache evaluation samples under %s: %s", self.root, exc)
 
 
 def prompt_key(prompt: str) -> str:
@@ -148,12 +225,16 @@ class CandidateEval:
 
     summary: EvalSummary
     kl: KLEstimate
+    samples: list[Generation]
+    """Its held-out samples: stored under its weights id once it is saved (`EvalSampleCache`)."""
 
 
 def evaluate_current(policy: LoadedPolicy, prompts: list[Prompt], online: OnlineConfig,
-                     scorer: Scorer | None, seed: int) -> CurrentEval:
-    """Sample and score the current policy (no scorer: an LLM judge, the 0.5 baseline)."""
-    samples = sample_eval(policy, prompts, online.generation, online.eval_samples, seed)
+                     scorer: Scorer | None, seed: int, cache: EvalSampleCache | None = None,
+                     model: str | None = None) -> CurrentEval:
+    """Sample and score the current policy (no scorer: an LLM judge, the 0.5 baseline); its
+    samples come from `cache` when these weights (`model`, their id) were sampled already."""
+    samples = sample_eval(policy, prompts, online.generation, online.eval_samples, seed, cache, model)
     tok = policy.tokenizer
     return CurrentEval(samples, reward_summary(samples, scorer, tok) if scorer else even_summary(samples, tok))
 
@@ -168,7 +249,7 @@ def evaluate_candidate(
     summary = (reward_summary(samples, scorer, tok) if scorer
                else win_rate_summary(samples, current.samples, online.judge, tok))
     kl = measure_kl(policy, reference_dir, kl_prompts, online.kl_samples, online.generation.max_new_tokens, kl_seed)
-    return CandidateEval(summary, kl)
+    return CandidateEval(summary, kl, samples)
 
 
 def finite(metrics: dict[str, Any]) -> dict[str, float]:
@@ -196,8 +277,12 @@ def evaluate_checkpoint(
     policy = load_policy(plain, state_dir, checkpoint=path)
     pool = load_prompt_pool(online.prompts, tokenizer=policy.tokenizer)
     eval_prompts = list(pool.heldout[: online.eval_max_prompts])
-    eval_seed = derive_seed(seed, "eval")
-    gens = sample_eval(policy, eval_prompts, online.generation, online.eval_samples, eval_seed)
+    eval_seed = derive_seed(seed, "eval")  # the cycles' evaluation seed too (`online.cycle`)
+    # A tether checkpoint's samples may be cached already (a cycle evaluated it); pi_0's weights
+    # are not hashed for a key (half a GB), it is sampled once per run anyway.
+    cache, weights = (EvalSampleCache(state_dir / "cache" / "eval-samples"), model_id(path)) \
+        if is_complete(path) else (None, None)
+    gens = sample_eval(policy, eval_prompts, online.generation, online.eval_samples, eval_seed, cache, weights)
     if online.gate.metric == "reward":
         summary = reward_summary(gens, make_scorer(online.judge))
     elif Path(path).resolve() == reference_dir.resolve():
@@ -205,7 +290,7 @@ def evaluate_checkpoint(
     else:
         if baseline is None:
             initial = load_policy(plain, state_dir)
-            baseline = sample_eval(initial, eval_prompts, online.generation, online.eval_samples, eval_seed)
+            baseline = sample_eval(initial, eval_prompts, online.generation, online.eval_samples, eval_seed)  # pi_0
             del initial
         summary = win_rate_summary(gens, baseline, online.judge)
     kl = finite(measure_kl(policy, reference_dir, list(pool.heldout[: online.kl_prompts]), online.kl_samples,
