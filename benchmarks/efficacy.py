@@ -13,7 +13,7 @@ clean state dir, a local redis-server), then prints and saves (`<out>/efficacy.j
 - the targets of issue 15 checked from those figures, each yes / NO / not shown with its numbers:
   offline lifts the covered families by >= 0.10; cycles lift the held-out families by >= 0.10
   beyond offline-only; every promoted cycle within the budget; the probe rolled back; every
-  covered / held-out pass rate's standard error below 0.05 (per family: reported); the whole
+  covered / held-out pass rate's standard error below 0.05, and every family's; the whole
   run within 30 minutes;
 - wall time, CPU time (this process and every child: the report, redis-server, Prefect's API)
   and the load average before and after (the VM is shared: say how busy it was).
@@ -81,8 +81,11 @@ def check_targets(report: dict[str, Any], wall_s: float) -> list[dict[str, Any]]
                     if probe else "no probe"},
         {"target": f"covered / held-out pass rates: standard error < {TARGET_STDERR}",
          "met": math.isfinite(worst[2]) and worst[2] < TARGET_STDERR,
-         "figures": f"largest {worst[2]:.3f} ({worst[0]}, {worst[1]}); per family up to {worst_fam[2]:.3f} "
-                    f"({worst_fam[0]}, {worst_fam[1]})"},
+         "figures": f"largest {worst[2]:.3f} ({worst[0]}, {worst[1]})"},
+        # The issue asks it of "each pass rate": the per-family ones count too, checked apart.
+        {"target": f"every family's pass rate: standard error < {TARGET_STDERR}",
+         "met": math.isfinite(worst_fam[2]) and worst_fam[2] < TARGET_STDERR,
+         "figures": f"largest {worst_fam[2]:.3f} ({worst_fam[0]}, {worst_fam[1]})"},
         {"target": f"whole run within {TARGET_SECONDS // 60} minutes",
          "met": wall_s <= TARGET_SECONDS, "figures": f"{wall_s / 60:.1f} min wall"},
     ]
