@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -74,13 +75,17 @@ def sample_eval(
     if key is not None:
         hit = cache.get(model, key)  # type: ignore[union-attr]
         if hit is not None:
+            log.info("evaluation samples of %s: %d prompts x %d read back from the cache", model, len(prompts), samples)
             return hit
     # `k` counts responses per prompt for pairs (>= 2 in the config); evaluation asks for
     # `samples`, which may be 1: the generator takes k per call, so pass it there.
     cfg = gen_cfg.model_copy(update={"backend": "hf"})
     gens = build_generator(cfg, policy.model_dir, "eval", model=policy.model, tokenizer=policy.tokenizer)
     policy.model.eval()
+    t0 = time.perf_counter()
     out = gens.generate(prompts, samples, seed)
+    log.info("evaluation samples of %s: %d prompts x %d in %.1f s", model or "the policy", len(prompts), samples,
+             time.perf_counter() - t0)
     if key is not None:
         cache.put(model, key, out)  # type: ignore[union-attr,arg-type]
     return out

@@ -9,6 +9,7 @@ local API) show up when `tether ui` later starts `prefect server start` on the s
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Iterator, Mapping
 from offline.atomic import atomic_write
 
 DEFAULT_STATE_DIR = Path(".tether")
+# tether's packages: their loggers are attached to Prefect's run logs (see configure_prefect).
+TETHER_LOGGERS = ("offline", "online", "buffer", "orchestrator")
 
 
 def state_dir_from_env() -> Path:
@@ -31,6 +34,11 @@ def configure_prefect(state_dir: Path | None = None) -> Path:
     - `PREFECT_SERVER_ANALYTICS_ENABLED=false`: no phoning home (and no network here).
     - `PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW=ignore`: our plain functions log through the
       stdlib logger; outside a flow that must not warn.
+    - `PREFECT_LOGGING_EXTRA_LOGGERS`: tether's own packages (`TETHER_LOGGERS`), so what the
+      plain functions log inside a run (a cycle's start, the anchor build, the judge's
+      statistics) reaches that run's logs in the Prefect UI. Their level is set to INFO unless
+      it was set, or the root's was already INFO or lower: a caller who wants their DEBUG lines
+      (a retried request) sets it on the package's logger (`logging.getLogger("online")`).
     """
     home = Path(os.environ.get("PREFECT_HOME") or (state_dir or state_dir_from_env()) / "prefect")
     home = home.resolve()
@@ -40,6 +48,11 @@ def configure_prefect(state_dir: Path | None = None) -> Path:
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", ",".join(TETHER_LOGGERS))
+    for name in TETHER_LOGGERS:  # unset, they would inherit the root's WARNING and drop INFO
+        logger = logging.getLogger(name)
+        if logger.level == logging.NOTSET and logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
     # The ephemeral API prints a banner on every start; keep the CLI output readable.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
     return home

@@ -229,6 +229,7 @@ def test_cache_second_run_makes_no_calls(server, tmp_path):
 
 def test_api_key_sent_but_never_leaked(server, monkeypatch, caplog):
     caplog.set_level(logging.DEBUG)  # every logger, httpx/httpcore included
+    caplog.set_level(logging.DEBUG, logger="online")  # tether's loggers are INFO (runtime.configure_prefect)
     server.retry_after = "0"
     server.script("429", "500", "drop")
     judge = make_judge(server)

@@ -53,6 +53,10 @@ def assert_offline_run_recorded(base: str) -> dict:
 
     logs = api_post(base, "logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}})
     assert any("promoted as current policy" in log["message"] for log in logs), [log["message"] for log in logs]
+    # What a plain function logs with the stdlib logger inside a task (offline.reference) is in
+    # that task run's logs too, at INFO.
+    ref = [log for log in logs if log["message"].startswith("reference log-probs:")]
+    assert ref and all(log["level"] == 20 and log["task_run_id"] for log in ref), [log["message"] for log in logs]
     return run
 
 

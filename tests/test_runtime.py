@@ -44,3 +44,30 @@ def test_serverless_settings_apply_only_without_a_server() -> None:
         with temporary_settings(updates={"server.api.csrf_protection_enabled": True}):
             with serverless_flow_settings():
                 assert get_current_settings().client.csrf_support_enabled is True
+
+
+def test_tether_loggers_reach_prefect_at_info_unless_the_caller_chose_a_level(tmp_path) -> None:
+    """A fresh process: tether's package loggers are Prefect extra loggers (their records go to
+    the run's logs) at INFO; a root already at DEBUG or a level set on a package is kept."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import json, logging, sys\n"
+        "if sys.argv[1] == 'debug': logging.basicConfig(level=logging.DEBUG)\n"
+        "logging.getLogger('buffer').setLevel(logging.ERROR)\n"
+        "from orchestrator.runtime import configure_prefect\n"
+        "configure_prefect()\n"
+        "from prefect.settings import PREFECT_LOGGING_EXTRA_LOGGERS\n"
+        "print(json.dumps({'extra': PREFECT_LOGGING_EXTRA_LOGGERS.value(), 'levels': {n: logging.getLogger(n)"
+        ".getEffectiveLevel() for n in ('offline', 'online', 'buffer', 'orchestrator')}}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"TETHER_STATE_DIR": str(tmp_path)}
+    out = {mode: json.loads(subprocess.run([sys.executable, "-c", probe, mode], env=env, check=True,
+                                           capture_output=True, text=True).stdout.splitlines()[-1])
+           for mode in ("default", "debug")}
+    assert sorted(out["default"]["extra"]) == ["buffer", "offline", "online", "orchestrator"]
+    assert out["default"]["levels"] == {"offline": 20, "online": 20, "buffer": 40, "orchestrator": 20}
+    assert out["debug"]["levels"] == {"offline": 10, "online": 10, "buffer": 40, "orchestrator": 10}

@@ -214,6 +214,7 @@ def test_a_judge_key_refused_by_the_api_is_not_echoed(monkeypatch, caplog) -> No
 
     monkeypatch.setenv("TETHER_JUDGE_API_KEY", KEY)
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="online")  # tether's loggers are INFO (runtime.configure_prefect)
     gens = [Generation(prompt="p", responses=("a GOOD", "b"), policy_version="v")]
     with FakeOpenAIServer(api_key="the-real-key") as server, pytest.raises(JudgeAPIError) as info:
         LLMJudge(LLMJudgeConfig(base_url=server.base_url, model="m", max_retries=0)).judge_generations(gens)
