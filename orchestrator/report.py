@@ -10,7 +10,8 @@ the pointer never moves, and a probe the gate would have passed (its KL estimate
 within the halved budget) is reported "inconclusive", never promoted. The claims are checked
 from the figures and the verdict of each is written next to them, true or not; a claim whose
 evidence is missing (no promoted cycle because every cycle was inconclusive, a probe inside its
-budget) is "not shown", never "holds":
+budget) or too noisy (a lift whose confidence interval includes zero) is "not shown", never
+"holds":
 
 1. offline DPO improves the covered categories over the initial policy;
 2. online cycles improve the held-out categories beyond the offline-only baseline;
@@ -36,6 +37,7 @@ import platform
 import shutil
 import time
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 from orchestrator.artifacts import markdown_table
@@ -110,13 +112,38 @@ CLAIM_KL = "every promoted cycle is within the KL budget"
 CLAIM_PROBE = "a cycle that breaks the budget is rolled back"
 
 
-def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, tolerance: float = 0.0) -> list[dict[str, Any]]:
+def lift_verdict(before: dict[str, Any], after: dict[str, Any], group: str, confidence: float = 0.95,
+                 tolerance: float = 0.0) -> tuple[bool | None, str]:
+    """Does `after` score higher than `before` on `group` ("covered"/"heldout")? (pure)
+
+    With both standard errors known, a lift holds only when the low end of its two-sided
+    `confidence` interval is above `tolerance`; a positive lift inside the noise is not shown
+    (None), never "holds". The interval treats the two stages as independent samples, which
+    is conservative: they are scored on the same held-out prompts, whose shared difficulty
+    pairing would cancel. Without standard errors the point estimates decide. Returns the
+    verdict and a note for the evidence ("" when the point estimates decide).
+    """
+    diff = after[f"reward/{group}"] - before[f"reward/{group}"]
+    se = math.hypot(_stderr(before, group), _stderr(after, group))
+    if not math.isfinite(se):
+        return diff > tolerance, ""
+    half = NormalDist().inv_cdf(0.5 + confidence / 2) * se
+    interval = f"lift {diff:+.3f}, {confidence:.0%} interval [{diff - half:+.3f}, {diff + half:+.3f}]"
+    if diff <= tolerance:
+        return False, f"; {interval}"
+    if diff - half > tolerance:
+        return True, f"; {interval}"
+    return None, f"; not shown: {interval} includes {tolerance:g} (within the noise)"
+
+
+def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, tolerance: float = 0.0,
+                 confidence: float = 0.95) -> list[dict[str, Any]]:
     """Each claim with the figures behind it and whether they bear it out (pure).
 
     `holds` is True, False, or None when the figures cannot say: not measurable (e.g. the
     static dataset shares no category with the prompt pool, so there is no "covered" score) or
     not shown (the evidence is missing: no cycle was promoted and some were inconclusive; the
-    probe stayed within its budget).
+    probe stayed within its budget), or a lift whose interval includes zero (`lift_verdict`).
     """
     by = {r["stage"]: r for r in rows}
     initial, offline = by.get("initial"), by.get("offline")
@@ -129,27 +156,29 @@ def check_claims(rows: list[dict[str, Any]], probe: dict[str, Any] | None, toler
     if initial and offline:
         before, after = initial["reward/covered"], offline["reward/covered"]
         measurable = math.isfinite(before) and math.isfinite(after)
+        holds, note = lift_verdict(initial, offline, "covered", confidence, tolerance) if measurable else (None, "")
         out.append({
             "claim": CLAIM_OFFLINE,
-            "evidence": f"covered reward {before:.3f}{_pm(initial, 'covered')} -> {after:.3f}{_pm(offline, 'covered')}"
+            "evidence": f"covered reward {before:.3f}{_pm(initial, 'covered')} -> {after:.3f}{_pm(offline, 'covered')}{note}"
                         if measurable
                         else "not measurable: no prompt-pool category is in the static dataset",
-            "holds": after > before + tolerance if measurable else None,
+            "holds": holds,
         })
     if offline:
         measurable = math.isfinite(offline["reward/heldout"])
         # No promoted cycle because the evidence was too thin is not "online did not help": not shown.
         unshown = not promoted and bool(inconclusive)
+        holds, note = (lift_verdict(offline, best_row, "heldout", confidence, tolerance) if measurable and promoted
+                       else (None if unshown or not measurable else False, ""))
         out.append({
             "claim": CLAIM_ONLINE,
             "evidence": (f"held-out reward offline {offline['reward/heldout']:.3f}{_pm(offline, 'heldout')}, "
-                         f"best promoted cycle {best_cycle:.3f}{_pm(best_row, 'heldout')}"
+                         f"best promoted cycle {best_cycle:.3f}{_pm(best_row, 'heldout')}{note}"
                          if promoted else "no cycle was promoted"
                          + (f"; not shown: {', '.join(inconclusive)} inconclusive (too little evidence)"
                             if inconclusive else "")) if measurable
                         else "not measurable: every prompt-pool category is in the static dataset",
-            "holds": (None if unshown else bool(promoted) and best_cycle > offline["reward/heldout"] + tolerance)
-                     if measurable else None,
+            "holds": holds,
         })
     over = [r for r in promoted if not (r["kl/policy_ref"] <= r["kl_budget"])]
     out.append({
@@ -240,10 +269,16 @@ def audit_headline(info: dict[str, Any] | None) -> str:
             "label and gate verdict below is that judge's, and says little.")
 
 
+def _stderr(row: dict[str, Any], group: str) -> float:
+    """A row's standard error of its covered/held-out score; NaN when it has none."""
+    se = row.get(f"stderr/{group}", math.nan)
+    return float(se) if isinstance(se, (int, float)) and math.isfinite(se) else math.nan
+
+
 def _pm(row: dict[str, Any], group: str) -> str:
     """" ± s.e." of a row's covered/held-out score, when the row has one."""
-    se = row.get(f"stderr/{group}", math.nan)
-    return f" ± {se:.3f}" if isinstance(se, float) and math.isfinite(se) else ""
+    se = _stderr(row, group)
+    return f" ± {se:.3f}" if math.isfinite(se) else ""
 
 
 def plot(rows: list[dict[str, Any]], path: Path, metric: str = "reward") -> Path:
@@ -469,7 +504,7 @@ def run_report(config_path: str, overrides: dict[str, Any] | None, cycles: int, 
         probe.update(judge_columns(rep))
         probe.update(gate_columns(rep))
         rows.append(probe)
-    claims = check_claims(rows, probe)
+    claims = check_claims(rows, probe, confidence=base.online.gate.confidence)
     meta = {**report_meta(base, config_path, cycles, demo["metric"], t0), "covered": demo["covered"],
             "judge_audit": audit_meta(demo.get("audit"), base.online.judge.audit)}
     paths = write_report(out_dir, rows, claims, meta, demo.get("audit"), base.online.judge.audit)

@@ -25,7 +25,9 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 from _faults import small_overrides  # noqa: E402
 
 from offline.checkpoint import is_complete  # noqa: E402
-from orchestrator.report import check_claims, judge_columns, probe_label, run_report, verdict, write_report  # noqa: E402
+from orchestrator.report import (  # noqa: E402
+    check_claims, judge_columns, lift_verdict, probe_label, run_report, verdict, write_report,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -54,6 +56,31 @@ def test_claims_fail_when_the_figures_do_not_say_so():
     claims = check_claims(rows, probe)
     assert [c["holds"] for c in claims] == [False, False, False, False]
     assert claims[2]["evidence"] == "cycle 1: KL 4.500 <= 4"
+
+
+def test_a_lift_inside_the_noise_is_not_shown():
+    """With standard errors, a lift holds only when its interval clears zero: +0.044 with
+    standard errors of 0.034 each (run 3 of the SmolLM2 constraints task) is not evidence."""
+    def se(r: dict, covered: float, heldout: float) -> dict:
+        return {**r, "stderr/covered": covered, "stderr/heldout": heldout}
+
+    initial = se(row("initial", 0.138, 0.281, 0.0, 6, "-"), 0.026, 0.033)
+    offline = se(row("offline", 0.431, 0.250, 3.1, 6, "yes"), 0.028, 0.034)
+    cycle = se(row("cycle 1", 0.444, 0.294, 3.4, 6, "yes"), 0.030, 0.035)
+    claims = check_claims([initial, offline, cycle], None)
+    assert claims[0]["holds"] is True and "lift +0.293, 95% interval [+0.218, +0.368]" in claims[0]["evidence"]
+    assert claims[1]["holds"] is None and verdict(claims[1]["holds"]) == "not shown"
+    assert claims[1]["evidence"].endswith("; not shown: lift +0.044, 95% interval [-0.052, +0.140] includes 0 "
+                                          "(within the noise)")
+    # The same lift with a tenth of the noise holds, and so does the noisy one at 50% confidence.
+    tight = [initial, offline, se(cycle, 0.003, 0.0034)]
+    tight[1] = se(offline, 0.028, 0.0034)
+    assert check_claims(tight, None)[1]["holds"] is True
+    assert lift_verdict(offline, cycle, "heldout", confidence=0.5)[0] is True
+    # A measured drop fails whatever the noise; no standard errors: the point estimates decide.
+    worse = se(cycle, 0.030, 0.035) | {"reward/heldout": 0.2}
+    assert check_claims([initial, offline, worse], None)[1]["holds"] is False
+    assert lift_verdict(row("a", 0.1, 0.1, 0, 1, "-"), row("b", 0.1, 0.11, 0, 1, "-"), "heldout") == (True, "")
 
 
 def test_a_probe_within_its_budget_tests_nothing():
