@@ -37,9 +37,9 @@ import platform
 import shutil
 import time
 from pathlib import Path
-from statistics import NormalDist
 from typing import Any
 
+from online.stats import normal_quantile
 from orchestrator.artifacts import markdown_table
 
 
@@ -127,7 +127,7 @@ def lift_verdict(before: dict[str, Any], after: dict[str, Any], group: str, conf
     se = math.hypot(_stderr(before, group), _stderr(after, group))
     if not math.isfinite(se):
         return diff > tolerance, ""
-    half = NormalDist().inv_cdf(0.5 + confidence / 2) * se
+    half = normal_quantile(0.5 + confidence / 2) * se
     interval = f"lift {diff:+.3f}, {confidence:.0%} interval [{diff - half:+.3f}, {diff + half:+.3f}]"
     if diff <= tolerance:
         return False, f"; {interval}"
